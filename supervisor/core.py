@@ -1,0 +1,511 @@
+"""The supervisor: keeps N worker processes alive and no task stuck.
+
+The loop, one iteration (`tick`):
+    handle signals -> reap exited workers -> kill hung workers -> record heartbeats
+    -> rescue stale tasks (when due) -> top up to N (with crash back-off) -> wait
+
+The wait wakes at once when a worker exits (its process sentinel) or a signal
+arrives (a wake-up pipe), so nothing is polled with sleep.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from supervisor.process import (
+    WorkerHandle,
+    classify_exit,
+    is_same_process,
+    process_start_time,
+    send_signal,
+)
+from supervisor.signals import SignalInbox
+from workers import __version__, registry
+from workers.store import TRANSIENT_ERRORS, Rescued, Store, WorkerStats
+from workers.worker import EXIT_BOOT_FAILURE, WorkerArgs
+
+HEARTBEAT_INTERVAL = 2.0  # seconds between two heartbeat statements
+HEARTBEAT_TIMEOUT = 30.0  # seconds of silence (database clock) before any node rescues
+WORKER_TIMEOUT = 30.0  # seconds without a liveness proof before a worker is killed as hung
+GRACEFUL_TIMEOUT = 30.0  # seconds running tasks get to finish on SIGTERM
+POLL_INTERVAL = 1.0  # seconds between a worker's looks at an empty queue
+MAX_TICK = 1.0  # seconds: the longest the loop sleeps when nothing wakes it
+CRASH_WINDOW = 5.0  # seconds: a worker dying younger than this, having done nothing, crashed
+CRASH_BACKOFF_INITIAL = 1.0  # seconds before respawning after the second crash in a row
+CRASH_BACKOFF_CAP = 60.0
+
+
+@dataclass
+class _Retirement:
+    """A worker that ended and whose row and tasks still need settling in the database."""
+
+    worker_id: int
+    pid: int
+    exit_code: int | None
+    exit_reason: str
+    stats: WorkerStats
+    release: bool  # put its task back without counting the attempt (shutdown kill)
+
+
+class Supervisor:
+    """A pool of worker processes on one node. `run()` blocks; `start()`/`stop()` embed it."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        workers: int | None = None,
+        queues: Sequence[str] = (),
+        imports: Sequence[str] = (),
+        node: str | None = None,
+        poll_interval: float = POLL_INTERVAL,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        worker_timeout: float = WORKER_TIMEOUT,
+        graceful_timeout: float = GRACEFUL_TIMEOUT,
+        log_format: str | None = None,
+        log_level: str = "info",
+    ) -> None:
+        self.database_url = database_url
+        self.desired = workers if workers is not None else (os.cpu_count() or 1)
+        if self.desired < 1:
+            raise ValueError("a pool needs at least 1 worker")
+        self.queues = tuple(queues)
+        self.imports = tuple(imports)
+        self.node = node or socket.gethostname()
+        self.poll_interval = poll_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.worker_timeout = worker_timeout
+        self.graceful_timeout = graceful_timeout
+        self.log_format = log_format
+        self.log_level = log_level
+
+        self.id = 0
+        self.store: Store | None = None
+        self.workers: dict[int, WorkerHandle] = {}
+        self.log: Any = structlog.get_logger().bind(pid=os.getpid(), node=self.node)
+        self._inbox = SignalInbox()
+        self._retirements: list[_Retirement] = []
+        self._stopping = False
+        self._quick = False
+        self._stop_deadline = 0.0
+        self._next_heartbeat = 0.0
+        self._next_rescue = 0.0
+        self._next_spawn = 0.0
+        self._crash_streak = 0
+        self._db_down_since: float | None = None
+        self._db_up_since = time.monotonic()
+        self._had_outage = False
+        self._stop_requested: str | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Boot, supervise until told to stop, then drain. Blocks; handles TERM, INT and QUIT."""
+        self._inbox.install()
+        self.boot()
+        try:
+            self.loop()
+        finally:
+            self.shutdown()
+
+    def start(self) -> None:
+        """Boot here (errors raise here), then supervise from a background thread.
+
+        The application keeps its own signal handlers; it calls stop() from its shutdown.
+        """
+        self.boot()
+
+        def supervise() -> None:
+            try:
+                self.loop()
+            finally:
+                self.shutdown()
+
+        self._thread = threading.Thread(target=supervise, name="taskherd-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop a started pool: running tasks get `timeout` seconds (default: graceful timeout)."""
+        if timeout is not None:
+            self.graceful_timeout = timeout
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join()
+
+    def request_stop(self, *, quick: bool = False) -> None:
+        """Ask the loop to stop (from any thread); quick means kill the workers now."""
+        self._stop_requested = "quick" if quick else "graceful"
+        self._inbox.wake()
+
+    def boot(self) -> None:
+        """Start-up, in order: task modules, database and schema, our row, predecessors, workers."""
+        registry.import_modules(self.imports)
+        self.store = Store(self.database_url, create=True)
+        self.store.init_schema()
+        self.id = self.store.register_supervisor(
+            self.node,
+            os.getpid(),
+            process_start_time(os.getpid()) or 0.0,
+            self.desired,
+            __version__,
+        )
+        self.log = self.log.bind(supervisor_id=self.id)
+        self.rescue_dead_predecessors()
+        self.log.info(
+            "supervisor.started",
+            workers=self.desired,
+            queues=list(self.queues) or "*",
+            database=self.store.masked_url,
+            version=__version__,
+        )
+        self.top_up()
+
+    def loop(self) -> None:
+        """Tick until the pool is stopped and every worker is reaped."""
+        while not self.tick():
+            pass
+
+    def tick(self) -> bool:
+        """One iteration of the loop; True once the pool has fully stopped."""
+        self.handle_signals()
+        self.reap_workers()
+        self.settle_retirements()
+        if self._stopping:
+            self.drive_shutdown()
+            if not self.workers:
+                return True
+        else:
+            self.kill_hung_workers()
+            self.top_up()
+        self.record_heartbeats()
+        if not self._stopping:
+            self.rescue_stale_tasks()
+        self.wait()
+        return False
+
+    # -- the steps -------------------------------------------------------------------
+
+    def handle_signals(self) -> None:
+        """Act on recorded signals: TERM/INT drain, a second INT or QUIT stops at once."""
+        for signum in self._inbox.drain():
+            if signum == signal.SIGQUIT or (signum == signal.SIGINT and self._stopping):
+                self.begin_stop(quick=True, why=signal.Signals(signum).name)
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.begin_stop(quick=False, why=signal.Signals(signum).name)
+        requested, self._stop_requested = self._stop_requested, None
+        if requested is not None:
+            self.begin_stop(quick=requested == "quick", why="requested")
+
+    def begin_stop(self, *, quick: bool, why: str) -> None:
+        """Stop claiming: TERM every worker (graceful) or KILL them (quick)."""
+        if self._stopping and (self._quick or not quick):
+            return
+        first = not self._stopping
+        self._stopping, self._quick = True, quick
+        self._stop_deadline = time.monotonic() + (0.0 if quick else self.graceful_timeout)
+        self.log.info(
+            "supervisor.stopping", reason=why, quick=quick, graceful_timeout=self.graceful_timeout
+        )
+        if first:
+            self._db(lambda store: store.set_supervisor_status(self.id, "stopping"), "stopping")
+        for handle in self.workers.values():
+            if quick:
+                handle.kill("killed at shutdown (quick stop)", release=True)
+            else:
+                handle.terminate()
+
+    def drive_shutdown(self) -> None:
+        """Past the graceful deadline, KILL the workers still running."""
+        if time.monotonic() < self._stop_deadline:
+            return
+        for handle in self.workers.values():
+            if handle.kill_reason is None:
+                self.log.warning(
+                    "worker.killed",
+                    worker_id=handle.worker_id,
+                    pid=handle.pid,
+                    reason="graceful timeout",
+                )
+                handle.kill(
+                    f"killed at shutdown after the graceful timeout ({self.graceful_timeout:g} s)",
+                    release=True,
+                )
+
+    def reap_workers(self) -> None:
+        """Collect every exited worker; its task is rescued in settle_retirements."""
+        for worker_id, handle in list(self.workers.items()):
+            code = handle.exit_code
+            if code is None:
+                continue
+            del self.workers[worker_id]
+            reason = classify_exit(code, handle.kill_reason)
+            early = (
+                time.monotonic() - handle.spawned_at < CRASH_WINDOW and not handle.shared.processed
+            )
+            crashed = code == EXIT_BOOT_FAILURE or (
+                code != 0 and early and handle.kill_reason is None
+            )
+            (self.log.warning if code else self.log.info)(
+                "worker.exited",
+                worker_id=worker_id,
+                pid=handle.pid,
+                exit_code=code,
+                exit_reason=reason,
+            )
+            self._retirements.append(
+                _Retirement(
+                    worker_id,
+                    handle.pid,
+                    code,
+                    reason,
+                    handle.stats(),
+                    release=handle.release_tasks,
+                )
+            )
+            if not self._stopping:
+                self._note_crash(crashed, reason)
+            handle.close()
+
+    def _note_crash(self, crashed: bool, reason: str) -> None:
+        """Back off respawning while workers keep dying at start (a crash loop)."""
+        if not crashed:
+            self._crash_streak = 0
+            return
+        self._crash_streak += 1
+        if self._crash_streak < 2:
+            return
+        delay = min(CRASH_BACKOFF_CAP, CRASH_BACKOFF_INITIAL * 2 ** (self._crash_streak - 2))
+        self._next_spawn = time.monotonic() + delay
+        if self._crash_streak == 2:
+            self.log.error("supervisor.crash_loop", reason=reason, backoff=delay)
+
+    def settle_retirements(self) -> None:
+        """Mark ended workers inactive and rescue their tasks (kept while the database is down)."""
+        while self._retirements:
+            retirement = self._retirements[0]
+            rescued = self._db(lambda store, r=retirement: self._retire(store, r), "retire worker")
+            if rescued is None:
+                return
+            self._retirements.pop(0)
+            for task in rescued:
+                self.log.warning(
+                    "task.rescued",
+                    task_id=task.id,
+                    status=task.status,
+                    attempts=task.attempts,
+                    worker_id=retirement.worker_id,
+                    pid=retirement.pid,
+                    reason=retirement.exit_reason,
+                )
+
+    def _retire(self, store: Store, retirement: _Retirement) -> list[Rescued]:
+        error = f"worker {retirement.worker_id} (pid {retirement.pid}) {retirement.exit_reason}"
+        return store.retire_worker(
+            retirement.worker_id,
+            exit_code=retirement.exit_code,
+            exit_reason=retirement.exit_reason,
+            stats=retirement.stats,
+            error=error,
+            release=retirement.release,
+        )
+
+    def kill_hung_workers(self) -> None:
+        """SIGKILL a worker whose liveness proof is older than worker_timeout."""
+        now = time.monotonic()
+        for handle in self.workers.values():
+            age = handle.liveness_age(now)
+            if age > self.worker_timeout and handle.kill_reason is None:
+                self.log.error(
+                    "worker.hung",
+                    worker_id=handle.worker_id,
+                    pid=handle.pid,
+                    silent_for=round(age, 1),
+                )
+                limit = f"worker timeout {self.worker_timeout:g} s"
+                handle.kill(f"killed: unresponsive for {age:.0f} s ({limit})")
+
+    def record_heartbeats(self) -> None:
+        """Stamp this supervisor and its live workers, one statement per table, when due."""
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return
+        live = {
+            worker_id: handle.stats()
+            for worker_id, handle in self.workers.items()
+            if handle.liveness_age(now) <= self.worker_timeout and handle.kill_reason is None
+        }
+        if self._db(lambda store: store.record_heartbeats(self.id, live), "heartbeat") is not None:
+            self._next_heartbeat = now + self.heartbeat_interval
+
+    def rescue_stale_tasks(self) -> None:
+        """Rescue tasks whose worker's heartbeat is older than heartbeat_timeout, on any node.
+
+        Not while our own heartbeats could not be written, nor until a heartbeat timeout after
+        an outage: others may have been cut off as we were.
+        """
+        now = time.monotonic()
+        if now < self._next_rescue or self._db_down_since is not None:
+            return
+        if now - self._db_up_since < self.heartbeat_timeout and self._had_outage:
+            return
+        result = self._db(lambda store: store.rescue_stale_tasks(self.heartbeat_timeout), "rescue")
+        if result is None:
+            return
+        self._next_rescue = now + self.heartbeat_interval
+        rescued, lost = result
+        for worker_id in lost:
+            self.log.warning(
+                "worker.lost", worker_id=worker_id, heartbeat_timeout=self.heartbeat_timeout
+            )
+        for task in rescued:
+            self.log.warning(
+                "task.rescued",
+                task_id=task.id,
+                status=task.status,
+                attempts=task.attempts,
+                worker_id=task.worker_id,
+                reason="heartbeat lost",
+            )
+
+    def top_up(self) -> None:
+        """Spawn workers until there are N, unless backing off after crashes."""
+        while len(self.workers) < self.desired and time.monotonic() >= self._next_spawn:
+            if not self.spawn_worker():
+                return
+
+    def spawn_worker(self) -> bool:
+        """Register a row, start the process, record its pid. False if the database is down."""
+        worker_id = self._db(
+            lambda store: store.register_worker(self.id, self.node, self.queues), "register worker"
+        )
+        if worker_id is None:
+            return False
+        args = WorkerArgs(
+            database_url=self.database_url,
+            worker_id=worker_id,
+            supervisor_pid=os.getpid(),
+            node=self.node,
+            queues=self.queues,
+            imports=self.imports,
+            poll_interval=self.poll_interval,
+            log_format=self.log_format,
+            log_level=self.log_level,
+            sys_path=tuple(sys.path),
+        )
+        handle = WorkerHandle(worker_id, args)
+        self.workers[worker_id] = handle
+        self._db(
+            lambda store: store.set_worker_pid(
+                worker_id, handle.pid, process_start_time(handle.pid)
+            ),
+            "record worker pid",
+        )
+        self.log.info("worker.spawned", worker_id=worker_id, pid=handle.pid)
+        return True
+
+    def wait(self) -> None:
+        """Sleep until a worker exits, a signal arrives, or the next timed step is due."""
+        now = time.monotonic()
+        due = [self._next_heartbeat]
+        if self._stopping:
+            due.append(self._stop_deadline)
+        elif len(self.workers) < self.desired:
+            due.append(self._next_spawn)
+        timeout = max(0.0, min(MAX_TICK, *(moment - now for moment in due)))
+        waitables: list[Any] = [handle.sentinel for handle in self.workers.values()]
+        waitables.append(self._inbox)
+        multiprocessing.connection.wait(waitables, timeout)
+
+    def rescue_dead_predecessors(self) -> None:
+        """At boot: settle supervisors on this node whose process is gone, and their workers."""
+        store = self._store
+        sups, wks = store.live_processes_on_node(self.node)
+        alive = {
+            row.id
+            for row in sups
+            if row.id == self.id or is_same_process(row.pid, row.pid_start_time)
+        }
+        for row in sups:
+            if row.id not in alive:
+                store.set_supervisor_status(row.id, "dead")
+                self.log.warning(
+                    "supervisor.predecessor_dead", predecessor_id=row.id, predecessor_pid=row.pid
+                )
+        for row in wks:
+            if row.supervisor_id in alive:
+                continue
+            if is_same_process(row.pid, row.pid_start_time):
+                send_signal(row.pid or 0, signal.SIGKILL)  # an orphan: nobody watches it
+            reason = f"lost with its supervisor {row.supervisor_id}"
+            rescued = store.retire_worker(
+                row.id,
+                exit_code=None,
+                exit_reason=reason,
+                error=f"worker {row.id} (pid {row.pid}) {reason}",
+            )
+            for task in rescued:
+                self.log.warning(
+                    "task.rescued",
+                    task_id=task.id,
+                    status=task.status,
+                    worker_id=row.id,
+                    pid=row.pid,
+                    reason=reason,
+                )
+
+    def shutdown(self) -> None:
+        """After the loop: make sure no worker outlives us and every row is settled."""
+        for handle in self.workers.values():
+            handle.kill("killed: the supervisor stopped unexpectedly", release=True)
+        for handle in list(self.workers.values()):
+            handle.process.wait()
+        self._stopping = True
+        self.reap_workers()
+        self.settle_retirements()
+        if self.store is not None and self.id:
+            self._db(lambda store: store.set_supervisor_status(self.id, "stopped"), "stopped")
+            self.store.dispose()
+        self._inbox.close()
+        self.log.info("supervisor.stopped")
+
+    # -- database access that survives outages --------------------------------------
+
+    @property
+    def _store(self) -> Store:
+        if self.store is None:
+            raise RuntimeError("the supervisor has not booted")
+        return self.store
+
+    def _db(self, operation: Any, what: str) -> Any:
+        """Run one store operation; on a transient error log the outage once and return None."""
+        try:
+            result = operation(self._store)
+        except TRANSIENT_ERRORS as error:
+            if self._db_down_since is None:
+                self._db_down_since = time.monotonic()
+                self._had_outage = True
+                self.log.warning(
+                    "database.unavailable", operation=what, error=str(error).splitlines()[0]
+                )
+            return None
+        if self._db_down_since is not None:
+            self.log.info(
+                "database.recovered", down_for=round(time.monotonic() - self._db_down_since, 1)
+            )
+            self._db_down_since = None
+            self._db_up_since = time.monotonic()
+        return result if result is not None else True

@@ -1,0 +1,128 @@
+"""One worker process as its supervisor sees it, and the reason for every way it can end."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from workers.store import WorkerStats
+from workers.worker import EXIT_BOOT_FAILURE, EXIT_OK, EXIT_ORPHANED, WorkerArgs, map_shared_state
+
+
+class WorkerHandle:
+    """A live worker process: its row id, its process, and the shared memory it stamps."""
+
+    def __init__(self, worker_id: int, args: WorkerArgs) -> None:
+        self.worker_id = worker_id
+        self.spawned_at = time.monotonic()
+        self.kill_reason: str | None = None  # set when the supervisor itself kills the worker
+        self.release_tasks = False  # killed for our reasons (shutdown), not its task's
+        fd = os.memfd_create(f"taskherd-worker-{worker_id}")
+        try:
+            self._memory, self.shared = map_shared_state(fd)
+            args = dataclasses.replace(args, shared_fd=fd)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "workers"],
+                stdin=subprocess.PIPE,
+                pass_fds=(fd,),
+                text=True,
+            )
+        finally:
+            os.close(fd)
+        stdin = self.process.stdin
+        if stdin is not None:
+            stdin.write(args.to_json())
+            stdin.close()
+        self.sentinel = os.pidfd_open(self.process.pid)
+
+    @property
+    def exit_code(self) -> int | None:
+        """None while running; else the exit code (negative: the signal that killed it)."""
+        return self.process.poll()
+
+    def close(self) -> None:
+        """Release the sentinel and the shared memory of an exited worker."""
+        os.close(self.sentinel)
+        del self.shared
+        self._memory.close()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def liveness_age(self, now: float) -> float:
+        """Seconds since the worker's last liveness proof (since its spawn, before the first)."""
+        return now - max(float(self.shared.beat), self.spawned_at)
+
+    def stats(self) -> WorkerStats:
+        current = self.shared.current_task
+        return WorkerStats(current or None, self.shared.processed, self.shared.failed)
+
+    def kill(self, reason: str, *, release: bool = False) -> None:
+        """SIGKILL, remembering why: a hung or stopped process cannot act on SIGTERM."""
+        if self.kill_reason is None:
+            self.kill_reason = reason
+            self.release_tasks = release
+        send_signal(self.pid, signal.SIGKILL)
+
+    def terminate(self) -> None:
+        send_signal(self.pid, signal.SIGTERM)
+
+
+def send_signal(pid: int, signum: int) -> None:
+    if pid <= 0:
+        return
+    with contextlib.suppress(ProcessLookupError):  # already gone: the reaper will see it
+        os.kill(pid, signum)
+
+
+def classify_exit(exit_code: int | None, kill_reason: str | None) -> str:
+    """A human reason for a worker's end, from its exit code and what we did to it."""
+    if kill_reason is not None:
+        return kill_reason
+    if exit_code is None:
+        return "vanished"
+    if exit_code == EXIT_OK:
+        return "exited cleanly"
+    if exit_code == EXIT_BOOT_FAILURE:
+        return "could not boot (a task module failed to import, or the database is unusable)"
+    if exit_code == EXIT_ORPHANED:
+        return "left because its supervisor died"
+    if exit_code < 0:
+        name = _signal_name(-exit_code)
+        if -exit_code == signal.SIGKILL:
+            return f"killed by {name} (out of memory, or an operator?)"
+        return f"killed by {name}"
+    return f"exited with code {exit_code}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def process_start_time(pid: int) -> float | None:
+    """The process's start time (psutil), which tells a live process from a reused PID."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def is_same_process(pid: int | None, start_time: float | None) -> bool:
+    """Whether pid is still the process that was recorded (not gone, not reused)."""
+    if not pid:
+        return False
+    current = process_start_time(pid)
+    if current is None:
+        return False
+    return start_time is None or abs(current - start_time) < 0.5

@@ -1,0 +1,112 @@
+"""The task context a handler receives: progress, log, and the cancel and shutdown flags."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from workers.store import Claim, Progress, Store
+
+PROGRESS_INTERVAL = 1.0  # seconds: at most one progress write per task in this time
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Cancelled(Exception):
+    """Raised by a handler (or ctx.raise_if_cancelled()) to end its task `cancelled`."""
+
+
+class TaskContext:
+    """What a running handler can do with its task. Writes are fenced on the claim."""
+
+    def __init__(
+        self,
+        store: Store,
+        claim: Claim,
+        shutdown: threading.Event,
+        *,
+        progress_interval: float = PROGRESS_INTERVAL,
+    ) -> None:
+        self._store = store
+        self._claim = claim
+        self._shutdown = shutdown
+        self._progress_interval = progress_interval
+        self._last_write = -math.inf
+        self._unwritten: Progress | None = None
+        self._cancel_requested = False
+
+    @property
+    def task_id(self) -> int:
+        return self._claim.id
+
+    @property
+    def attempt(self) -> int:
+        return self._claim.attempts
+
+    @property
+    def max_attempts(self) -> int:
+        return self._claim.max_attempts
+
+    @property
+    def worker_id(self) -> int:
+        return self._claim.worker_id
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once `taskherd cancel` asked for this task (seen at the next progress write)."""
+        return self._cancel_requested
+
+    @property
+    def shutdown_requested(self) -> bool:
+        """True once the worker was asked to stop: finish soon, or checkpoint."""
+        return self._shutdown.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._cancel_requested:
+            raise Cancelled(f"task {self.task_id} was cancelled")
+
+    def request_cancel(self) -> None:
+        """Mark the task cancelled from the worker's side (the cancel watcher calls this)."""
+        self._cancel_requested = True
+
+    def progress(
+        self,
+        percentage: float,
+        *,
+        step: str | None = None,
+        total_steps: int | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Report progress (0-100). Written at most once a second; the last report always is."""
+        if not 0 <= percentage <= 100:
+            raise ValueError(f"progress must be between 0 and 100, not {percentage}")
+        self._unwritten = Progress(float(percentage), step, total_steps, message)
+        if time.monotonic() - self._last_write >= self._progress_interval:
+            self._write_progress()
+
+    def _write_progress(self) -> None:
+        if self._unwritten is None:
+            return
+        progress, self._unwritten = self._unwritten, None
+        self._last_write = time.monotonic()
+        if self._store.record_progress(self._claim, progress):
+            self._cancel_requested = True
+
+    def take_unwritten_progress(self) -> Progress | None:
+        """The last report not yet written, for the task's final write to carry."""
+        progress, self._unwritten = self._unwritten, None
+        return progress
+
+    def log(self, level: str, message: str, **data: Any) -> None:
+        """Append {timestamp, level, message, data} to the task's execution_log."""
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+        entry = {
+            "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "level": level,
+            "message": str(message),
+            "data": data,
+        }
+        self._store.append_log(self._claim, entry)

@@ -1,0 +1,1055 @@
+"""The task store: every SQL statement taskherd runs, on SQLite and PostgreSQL.
+
+Each operation is one short method that returns plain dataclasses. Every move
+of a task out of ``running`` is one guarded UPDATE, fenced on the claim
+``(id, worker_id, attempts)`` and checked by its row count. Dialect
+differences live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    case,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import DateTime, TypeDecorator
+
+SCHEMA_VERSION = 1
+SQLITE_BUSY_TIMEOUT_MS = 5_000
+SQLITE_SYNCHRONOUS = "NORMAL"
+MAX_ERROR_LENGTH = 8_000
+
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = (
+    "pending",
+    "running",
+    "completed",
+    "failed",
+    "cancelled",
+)
+STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
+FINISHED = (COMPLETED, FAILED, CANCELLED)
+
+# Errors a caller may retry: the database is busy, restarting or unreachable.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError)
+
+
+class StoreError(Exception):
+    """A problem with the database that a retry will not fix."""
+
+
+class BadDatabase(StoreError):
+    """The URL, the file or the schema is unusable: bad input, exit code 2."""
+
+
+class UnknownTask(StoreError):
+    """No task has that id."""
+
+
+class WrongState(StoreError):
+    """The task exists but its status does not allow the operation."""
+
+
+class LostClaim(StoreError):
+    """The task was rescued and may be re-claimed elsewhere: this worker's write changed nothing."""
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on both engines (SQLite stores it as naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=UTC)
+
+
+metadata = MetaData()
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", sa.BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("queue", Text, nullable=False),
+    Column("task_type", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("run_at", UtcDateTime, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("started_at", UtcDateTime),
+    Column("completed_at", UtcDateTime),
+    Column("duration", Float),
+    Column("attempts", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("timeout", Float),
+    Column("unique_key", Text),
+    Column("worker_id", sa.BigInteger),
+    Column("progress_percentage", Float),
+    Column("current_step", Text),
+    Column("total_steps", Integer),
+    Column("progress_message", Text),
+    Column("result", Text),
+    Column("last_error", Text),
+    Column("error_history", Text, nullable=False),
+    Column("execution_log", Text, nullable=False),
+    Column("cancel_requested", Boolean, nullable=False),
+)
+
+task_workers = Table(
+    "task_workers",
+    metadata,
+    Column("id", sa.BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("worker_pid", Integer),
+    Column("pid_start_time", Float),
+    Column("hostname", Text, nullable=False),
+    Column("supervisor_id", sa.BigInteger, nullable=False),
+    Column("is_active", Boolean, nullable=False),
+    Column("current_task_id", sa.BigInteger),
+    Column("last_heartbeat", UtcDateTime, nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("stopped_at", UtcDateTime),
+    Column("processed_tasks_count", Integer, nullable=False),
+    Column("failed_tasks_count", Integer, nullable=False),
+    Column("exit_code", Integer),
+    Column("exit_reason", Text),
+    Column("queues", Text, nullable=False),
+)
+
+supervisors = Table(
+    "supervisors",
+    metadata,
+    Column("id", sa.BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("pid_start_time", Float),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("last_heartbeat", UtcDateTime, nullable=False),
+    Column("stopped_at", UtcDateTime),
+    Column("desired_workers", Integer, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("version", Text, nullable=False),
+)
+
+schema_version = Table("schema_version", metadata, Column("version", Integer, nullable=False))
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A task to enqueue; the payload is already JSON text."""
+
+    task_type: str
+    payload: str = "{}"
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 4
+    delay: float = 0.0
+    timeout: float | None = None
+    unique_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A task this worker holds: the fence for every write about it is (id, worker_id, attempts)."""
+
+    id: int
+    task_type: str
+    payload: str
+    queue: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    timeout: float | None
+    worker_id: int
+
+
+@dataclass(frozen=True)
+class Rescued:
+    """A task taken back from a worker that is gone, and the status it was given."""
+
+    id: int
+    status: str
+    attempts: int
+    worker_id: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The progress fields of a task, as the handler last reported them."""
+
+    percentage: float | None = None
+    step: str | None = None
+    total_steps: int | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """What a supervisor knows about one live worker at a heartbeat."""
+
+    current_task_id: int | None
+    processed: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class ProcessRow:
+    """A supervisor or worker row, enough to tell whether its process still lives."""
+
+    id: int
+    pid: int | None
+    pid_start_time: float | None
+    supervisor_id: int | None = None
+
+
+def _history_limit(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_LENGTH else text[: MAX_ERROR_LENGTH - 3] + "..."
+
+
+def schema_text() -> str:
+    """The schema file shipped inside the package (the top-level schema.sql)."""
+    return resources.files("workers").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+def schema_statements(dialect: str) -> list[str]:
+    """The schema's statements for one engine, with the other engine's lines left out."""
+    other = {"sqlite": "-- postgresql", "postgresql": "-- sqlite"}[dialect]
+    own = f"-- {dialect}"
+    kept: list[str] = []
+    for line in schema_text().splitlines():
+        stripped = line.rstrip()
+        if stripped.endswith(other):
+            continue
+        if stripped.endswith(own):
+            stripped = stripped[: -len(own)].rstrip()
+        kept.append(stripped)
+    text = "\n".join(line for line in kept if not line.lstrip().startswith("--"))
+    return [statement.strip() for statement in text.split(";\n") if statement.strip()]
+
+
+def normalise_url(url: str) -> sa.URL:
+    """Parse a database URL; only SQLite files and PostgreSQL (psycopg 3) are accepted."""
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError as error:
+        raise BadDatabase(f"invalid database URL {url!r}") from error
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise BadDatabase("SQLite needs a file: sqlite:///path/to/taskherd.db")
+        return parsed.set(drivername="sqlite")
+    raise BadDatabase(
+        f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:///FILE or postgresql://..."
+    )
+
+
+def mask_url(url: str | sa.URL) -> str:
+    """The URL as it may be shown or logged: the password replaced by ***."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except sa.exc.ArgumentError:
+        return "<invalid URL>"
+    return parsed.render_as_string(hide_password=True)
+
+
+def _create_private_file(path: Path) -> None:
+    """Create an empty SQLite file readable by its owner only (0600)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    except OSError as error:
+        raise BadDatabase(f"cannot create {path}: {error.strerror}") from error
+    os.close(fd)
+
+
+def _install_sqlite_settings(engine: Engine, synchronous: str) -> None:
+    """WAL, a busy timeout, and transactions we begin ourselves (IMMEDIATE unless read-only)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA synchronous = {synchronous}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        deferred = connection.get_execution_options().get("taskherd_read_only", False)
+        connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
+
+
+class Store:
+    """The database as taskherd sees it. Each process builds its own."""
+
+    def __init__(
+        self, url: str, *, create: bool = False, sqlite_synchronous: str = SQLITE_SYNCHRONOUS
+    ):
+        self.url = normalise_url(url)
+        self.dialect = self.url.get_backend_name()
+        self.is_sqlite = self.dialect == "sqlite"
+        if self.is_sqlite:
+            path = Path(str(self.url.database))
+            if not path.exists():
+                if not create:
+                    raise BadDatabase(f"no database at {path}: run `taskherd init-db` first")
+                _create_private_file(path)
+            self.engine = sa.create_engine(self.url, poolclass=sa.pool.QueuePool, pool_size=2)
+            _install_sqlite_settings(self.engine, sqlite_synchronous)
+        else:
+            self.engine = sa.create_engine(self.url, pool_size=2, max_overflow=4)
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except sa.exc.DatabaseError as error:
+            if self.is_sqlite and not isinstance(error, sa.exc.OperationalError):
+                raise BadDatabase(f"{self.url.database} is not a SQLite database") from error
+            if self.is_sqlite:
+                raise BadDatabase(f"cannot open {self.url.database}: {error.orig}") from error
+            raise
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url)
+
+    # -- transactions and dialect helpers ------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite)."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only transaction (a deferred BEGIN on SQLite: it never waits for writers)."""
+        with self.engine.connect() as conn:
+            conn.execution_options(taskherd_read_only=True)
+            with conn.begin():
+                yield conn
+
+    def _now(self, delay: float = 0.0) -> ColumnElement[datetime]:
+        """Now plus delay seconds, by the database clock (SQLite shares the host's)."""
+        if self.is_sqlite:
+            return sa.literal(datetime.now(UTC) + timedelta(seconds=delay), UtcDateTime)
+        if delay:
+            return func.now() + sa.literal(timedelta(seconds=delay), sa.Interval)
+        return func.now()
+
+    def _now_text(self) -> ColumnElement[str]:
+        if self.is_sqlite:
+            return sa.literal(datetime.now(UTC).isoformat(timespec="microseconds"), Text)
+        return func.to_char(func.timezone("UTC", func.now()), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')
+
+    def _json_object(self, *pairs: Any) -> ColumnElement[Any]:
+        if self.is_sqlite:
+            return func.json_object(*pairs)
+        return func.jsonb_build_object(*pairs)
+
+    def _json_append(self, column: sa.Column[str], entry: ColumnElement[Any]) -> ColumnElement[str]:
+        """column (a JSON array as text) with entry appended."""
+        if self.is_sqlite:
+            return func.json_insert(column, "$[#]", entry)
+        array = sa.cast(column, postgresql.JSONB).op("||")(func.jsonb_build_array(entry))
+        return sa.cast(array, Text)
+
+    def _history_entry(self, error: str) -> ColumnElement[Any]:
+        return self._json_object(
+            "at",
+            self._now_text(),
+            "attempt",
+            tasks.c.attempts,
+            "worker_id",
+            tasks.c.worker_id,
+            "error",
+            sa.literal(_history_limit(error), Text),
+        )
+
+    def _fence(self, claim: Claim) -> ColumnElement[bool]:
+        return sa.and_(
+            tasks.c.id == claim.id,
+            tasks.c.status == RUNNING,
+            tasks.c.worker_id == claim.worker_id,
+            tasks.c.attempts == claim.attempts,
+        )
+
+    def _insert(self, table: Table) -> Any:
+        return (sqlite.insert if self.is_sqlite else postgresql.insert)(table)
+
+    # -- schema ----------------------------------------------------------------------
+
+    def init_schema(self) -> int:
+        """Apply schema.sql (idempotent); return the schema version now in place."""
+        with self._write() as conn:
+            if not self.is_sqlite:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('taskherd.schema'))"))
+            found = self._version(conn)
+            if found is not None and found > SCHEMA_VERSION:
+                raise BadDatabase(
+                    f"the schema is version {found}, newer than this taskherd "
+                    f"(version {SCHEMA_VERSION}): upgrade taskherd"
+                )
+            for statement in schema_statements(self.dialect):
+                conn.exec_driver_sql(statement)
+            return self._version(conn) or SCHEMA_VERSION
+
+    def check_schema(self) -> None:
+        """Raise BadDatabase unless this database holds the schema this code expects."""
+        with self._read() as conn:
+            found = self._version(conn)
+        if found is None:
+            raise BadDatabase(f"{self.masked_url} has no taskherd schema: run `taskherd init-db`")
+        if found > SCHEMA_VERSION:
+            raise BadDatabase(
+                f"the schema is version {found}, newer than this taskherd "
+                f"(version {SCHEMA_VERSION}): upgrade taskherd"
+            )
+        if found < SCHEMA_VERSION:
+            raise BadDatabase(f"the schema is version {found}: run `taskherd init-db` to upgrade")
+
+    def _version(self, conn: Connection) -> int | None:
+        if not sa.inspect(conn).has_table("schema_version"):
+            return None
+        return conn.execute(select(func.max(schema_version.c.version))).scalar()
+
+    def now(self) -> datetime:
+        """The database clock (on SQLite, the host's: the only one that writes there)."""
+        with self._read() as conn:
+            return self._clock(conn)
+
+    def _clock(self, conn: Connection) -> datetime:
+        if self.is_sqlite:
+            return datetime.now(UTC)
+        value: datetime = conn.execute(select(func.now())).scalar_one()
+        return value
+
+    # -- enqueue ---------------------------------------------------------------------
+
+    def enqueue(self, new: Sequence[NewTask], connection: Connection | None = None) -> list[int]:
+        """Insert tasks and return their ids in order; a unique key already held returns that id."""
+        if connection is not None:
+            return self._enqueue(connection, new)
+        with self._write() as conn:
+            return self._enqueue(conn, new)
+
+    def _enqueue(self, conn: Connection, new: Sequence[NewTask]) -> list[int]:
+        if not new:
+            return []
+        insert = self._task_insert()
+        if all(item.unique_key is None for item in new):
+            statement = insert.returning(tasks.c.id, sort_by_parameter_order=True)
+            return list(conn.execute(statement, [self._task_row(item) for item in new]).scalars())
+        return [self._enqueue_unique(conn, insert, item) for item in new]
+
+    def _task_insert(self) -> Any:
+        """INSERT for one new task (PostgreSQL: run_at and created_at by the database clock)."""
+        if self.is_sqlite:
+            return self._insert(tasks)
+        delay = sa.bindparam("delay", type_=sa.Interval)
+        return self._insert(tasks).values(run_at=func.now() + delay, created_at=func.now())
+
+    def _task_row(self, item: NewTask) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "queue": item.queue,
+            "task_type": item.task_type,
+            "payload": item.payload,
+            "status": PENDING,
+            "priority": item.priority,
+            "attempts": 0,
+            "max_attempts": item.max_attempts,
+            "timeout": item.timeout,
+            "unique_key": item.unique_key,
+            "error_history": "[]",
+            "execution_log": "[]",
+            "cancel_requested": False,
+        }
+        if self.is_sqlite:
+            now = datetime.now(UTC)
+            row["run_at"] = now + timedelta(seconds=item.delay)
+            row["created_at"] = now
+        else:
+            row["delay"] = timedelta(seconds=item.delay)
+        return row
+
+    def _enqueue_unique(self, conn: Connection, insert: Any, item: NewTask) -> int:
+        """Insert, or return the id of the unfinished task that holds the same unique key."""
+        row = self._task_row(item)
+        if item.unique_key is None:
+            return int(conn.execute(insert.returning(tasks.c.id), row).scalar_one())
+        guarded = insert.on_conflict_do_nothing(
+            index_elements=[tasks.c.unique_key],
+            index_where=sa.and_(
+                tasks.c.unique_key.is_not(None), tasks.c.status.in_((PENDING, RUNNING))
+            ),
+        ).returning(tasks.c.id)
+        holder = select(tasks.c.id).where(
+            tasks.c.unique_key == item.unique_key, tasks.c.status.in_((PENDING, RUNNING))
+        )
+        while True:  # the holder may finish between our insert and our look-up
+            new_id = conn.execute(guarded, row).scalar()
+            if new_id is None:
+                new_id = conn.execute(holder).scalar()
+            if new_id is not None:
+                return int(new_id)
+
+    # -- the worker's side -----------------------------------------------------------
+
+    def claim_tasks(self, worker_id: int, queues: Sequence[str], limit: int = 1) -> list[Claim]:
+        """Claim up to limit runnable tasks: priority DESC, run_at, id; attempts + 1."""
+        now = self._now()
+        candidates = select(tasks.c.id).where(tasks.c.status == PENDING, tasks.c.run_at <= now)
+        if queues:
+            candidates = candidates.where(tasks.c.queue.in_(queues))
+        candidates = candidates.order_by(tasks.c.priority.desc(), tasks.c.run_at, tasks.c.id).limit(
+            limit
+        )
+        if self.is_sqlite:
+            picked: ColumnElement[bool] = tasks.c.id.in_(candidates.scalar_subquery())
+        else:
+            # A materialized CTE: PostgreSQL may otherwise re-run a LIMIT subquery per row
+            # and claim more than `limit` tasks.
+            chosen = candidates.with_for_update(skip_locked=True).cte("chosen")
+            picked = tasks.c.id == chosen.prefix_with("MATERIALIZED").c.id
+        statement = (
+            update(tasks)
+            .where(picked, tasks.c.status == PENDING)
+            .values(
+                status=RUNNING,
+                worker_id=worker_id,
+                attempts=tasks.c.attempts + 1,
+                started_at=now,
+                progress_percentage=None,
+                current_step=None,
+                total_steps=None,
+                progress_message=None,
+            )
+            .returning(
+                tasks.c.id,
+                tasks.c.task_type,
+                tasks.c.payload,
+                tasks.c.queue,
+                tasks.c.priority,
+                tasks.c.attempts,
+                tasks.c.max_attempts,
+                tasks.c.timeout,
+                tasks.c.run_at,
+            )
+        )
+        with self._write() as conn:
+            rows = list(conn.execute(statement).all())
+        rows.sort(key=lambda row: (-row.priority, row.run_at, row.id))
+        return [
+            Claim(
+                id=row.id,
+                task_type=row.task_type,
+                payload=row.payload,
+                queue=row.queue,
+                priority=row.priority,
+                attempts=row.attempts,
+                max_attempts=row.max_attempts,
+                timeout=row.timeout,
+                worker_id=worker_id,
+            )
+            for row in rows
+        ]
+
+    def _progress_values(self, progress: Progress | None) -> dict[str, Any]:
+        if progress is None:
+            return {}
+        return {
+            "progress_percentage": progress.percentage,
+            "current_step": progress.step,
+            "total_steps": progress.total_steps,
+            "progress_message": progress.message,
+        }
+
+    def complete_task(
+        self, claim: Claim, result: str, duration: float, progress: Progress | None = None
+    ) -> None:
+        """running -> completed, with the JSON result; LostClaim if the claim is gone."""
+        statement = (
+            update(tasks)
+            .where(self._fence(claim))
+            .values(
+                status=COMPLETED,
+                result=result,
+                completed_at=self._now(),
+                duration=duration,
+                **self._progress_values(progress),
+            )
+        )
+        self._fenced(statement, claim)
+
+    def fail_task(
+        self,
+        claim: Claim,
+        error: str,
+        *,
+        retry_delay: float,
+        permanent: bool = False,
+        duration: float | None = None,
+        progress: Progress | None = None,
+    ) -> str:
+        """running -> pending (attempts left) or failed; return the new status."""
+        retry = not permanent and claim.attempts < claim.max_attempts
+        status = case((tasks.c.cancel_requested, CANCELLED), else_=PENDING if retry else FAILED)
+        values: dict[str, Any] = {
+            "status": status,
+            "last_error": _history_limit(error),
+            "error_history": self._json_append(tasks.c.error_history, self._history_entry(error)),
+            "duration": duration,
+            **self._progress_values(progress),
+        }
+        if retry:
+            values["run_at"] = self._now(retry_delay)
+            values["completed_at"] = case((tasks.c.cancel_requested, self._now()), else_=None)
+        else:
+            values["completed_at"] = self._now()
+        statement = update(tasks).where(self._fence(claim)).values(**values)
+        statement = statement.returning(tasks.c.status)
+        with self._write() as conn:
+            new_status = conn.execute(statement).scalar()
+        if new_status is None:
+            raise LostClaim(claim.id)
+        return str(new_status)
+
+    def record_progress(self, claim: Claim, progress: Progress) -> bool:
+        """Write the task's progress; return whether cancellation was requested."""
+        statement = (
+            update(tasks)
+            .where(self._fence(claim))
+            .values(**self._progress_values(progress))
+            .returning(tasks.c.cancel_requested)
+        )
+        with self._write() as conn:
+            cancel = conn.execute(statement).scalar()
+        if cancel is None:
+            raise LostClaim(claim.id)
+        return bool(cancel)
+
+    def append_log(self, claim: Claim, entry: Mapping[str, Any]) -> None:
+        """Append one entry to the task's execution_log."""
+        text = sa.literal(json.dumps(entry), Text)
+        value: ColumnElement[Any] = (
+            func.json(text) if self.is_sqlite else sa.cast(text, postgresql.JSONB)
+        )
+        statement = (
+            update(tasks)
+            .where(self._fence(claim))
+            .values(execution_log=self._json_append(tasks.c.execution_log, value))
+        )
+        self._fenced(statement, claim)
+
+    def _fenced(self, statement: sa.Update, claim: Claim) -> None:
+        with self._write() as conn:
+            if conn.execute(statement).rowcount != 1:
+                raise LostClaim(claim.id)
+
+    # -- the supervisor's side -------------------------------------------------------
+
+    def register_supervisor(
+        self, node: str, pid: int, pid_start_time: float, desired_workers: int, version: str
+    ) -> int:
+        now = self._now()
+        statement = (
+            supervisors.insert()
+            .values(
+                hostname=node,
+                pid=pid,
+                pid_start_time=pid_start_time,
+                started_at=now,
+                last_heartbeat=now,
+                desired_workers=desired_workers,
+                status="running",
+                version=version,
+            )
+            .returning(supervisors.c.id)
+        )
+        with self._write() as conn:
+            return int(conn.execute(statement).scalar_one())
+
+    def set_supervisor_status(self, supervisor_id: int, status: str) -> None:
+        values: dict[str, Any] = {"status": status, "last_heartbeat": self._now()}
+        if status in ("stopped", "dead"):
+            values["stopped_at"] = self._now()
+        with self._write() as conn:
+            conn.execute(
+                update(supervisors).where(supervisors.c.id == supervisor_id).values(**values)
+            )
+
+    def set_desired_workers(self, supervisor_id: int, desired: int) -> None:
+        with self._write() as conn:
+            conn.execute(
+                update(supervisors)
+                .where(supervisors.c.id == supervisor_id)
+                .values(desired_workers=desired)
+            )
+
+    def register_worker(self, supervisor_id: int, node: str, queues: Sequence[str]) -> int:
+        """A row for a worker about to be started; its pid follows with set_worker_pid."""
+        now = self._now()
+        statement = (
+            task_workers.insert()
+            .values(
+                hostname=node,
+                supervisor_id=supervisor_id,
+                is_active=True,
+                last_heartbeat=now,
+                started_at=now,
+                processed_tasks_count=0,
+                failed_tasks_count=0,
+                queues=",".join(queues) or "*",
+            )
+            .returning(task_workers.c.id)
+        )
+        with self._write() as conn:
+            return int(conn.execute(statement).scalar_one())
+
+    def set_worker_pid(self, worker_id: int, pid: int, pid_start_time: float | None) -> None:
+        with self._write() as conn:
+            conn.execute(
+                update(task_workers)
+                .where(task_workers.c.id == worker_id)
+                .values(worker_pid=pid, pid_start_time=pid_start_time)
+            )
+
+    def record_heartbeats(self, supervisor_id: int, workers: Mapping[int, WorkerStats]) -> None:
+        """Stamp the supervisor and all its live workers: one statement per table."""
+        now = self._now()
+        with self._write() as conn:
+            conn.execute(
+                update(supervisors)
+                .where(supervisors.c.id == supervisor_id)
+                .values(last_heartbeat=now)
+            )
+            if not workers:
+                return
+            ids = list(workers)
+            conn.execute(
+                update(task_workers)
+                .where(task_workers.c.id.in_(ids))
+                .values(
+                    last_heartbeat=now,
+                    current_task_id=case(
+                        {i: s.current_task_id for i, s in workers.items()}, value=task_workers.c.id
+                    ),
+                    processed_tasks_count=case(
+                        {i: s.processed for i, s in workers.items()}, value=task_workers.c.id
+                    ),
+                    failed_tasks_count=case(
+                        {i: s.failed for i, s in workers.items()}, value=task_workers.c.id
+                    ),
+                )
+            )
+
+    def retire_worker(
+        self,
+        worker_id: int,
+        *,
+        exit_code: int | None,
+        exit_reason: str,
+        stats: WorkerStats | None = None,
+        error: str | None = None,
+        release: bool = False,
+    ) -> list[Rescued]:
+        """Mark a worker gone and, in the same transaction, rescue the tasks it held.
+
+        release: the worker was stopped by us, not by its task; the attempt is not counted.
+        """
+        values: dict[str, Any] = {
+            "is_active": False,
+            "stopped_at": self._now(),
+            "exit_code": exit_code,
+            "exit_reason": exit_reason,
+            "current_task_id": None,
+        }
+        if stats is not None:
+            values["processed_tasks_count"] = stats.processed
+            values["failed_tasks_count"] = stats.failed
+        with self._write() as conn:
+            conn.execute(
+                update(task_workers).where(task_workers.c.id == worker_id).values(**values)
+            )
+            return self._rescue(
+                conn,
+                tasks.c.worker_id == worker_id,
+                error or f"worker {worker_id} {exit_reason}",
+                release=release,
+            )
+
+    def rescue_stale_tasks(self, heartbeat_timeout: float) -> tuple[list[Rescued], list[int]]:
+        """Rescue the tasks of workers silent for heartbeat_timeout (database clock), any node.
+
+        Returns the rescued tasks and the ids of the workers declared lost.
+        """
+        cutoff = self._now(-heartbeat_timeout)
+        stale = sa.and_(task_workers.c.is_active, task_workers.c.last_heartbeat < cutoff)
+        error = f"worker lost: no heartbeat for more than {heartbeat_timeout:g} s"
+        with self._write() as conn:
+            lost = list(
+                conn.execute(
+                    update(task_workers)
+                    .where(stale)
+                    .values(
+                        is_active=False,
+                        stopped_at=self._now(),
+                        exit_reason=f"heartbeat lost (silent for over {heartbeat_timeout:g} s)",
+                    )
+                    .returning(task_workers.c.id)
+                ).scalars()
+            )
+            conn.execute(
+                update(supervisors)
+                .where(supervisors.c.status.in_(("running", "stopping")))
+                .where(supervisors.c.last_heartbeat < cutoff)
+                .values(status="dead", stopped_at=self._now())
+            )
+            inactive = select(task_workers.c.id).where(~task_workers.c.is_active)
+            rescued = self._rescue(conn, tasks.c.worker_id.in_(inactive.scalar_subquery()), error)
+        return rescued, lost
+
+    def _rescue(
+        self, conn: Connection, which: ColumnElement[bool], error: str, *, release: bool = False
+    ) -> list[Rescued]:
+        """The one retry-or-fail decision for tasks whose worker is gone: now, not after backoff.
+
+        A rescue counts the attempt; a release (we stopped the worker) gives it back.
+        """
+        used_up = sa.false() if release else tasks.c.attempts >= tasks.c.max_attempts
+        status = case((tasks.c.cancel_requested, CANCELLED), (used_up, FAILED), else_=PENDING)
+        finished = sa.or_(tasks.c.cancel_requested, used_up)
+        extra = {"attempts": tasks.c.attempts - 1} if release else {}
+        statement = (
+            update(tasks)
+            .where(tasks.c.status == RUNNING, which)
+            .values(
+                **extra,
+                status=status,
+                run_at=self._now(),
+                completed_at=case((finished, self._now()), else_=None),
+                last_error=_history_limit(error),
+                error_history=self._json_append(tasks.c.error_history, self._history_entry(error)),
+            )
+            .returning(tasks.c.id, tasks.c.status, tasks.c.attempts, tasks.c.worker_id)
+        )
+        return [Rescued(r.id, r.status, r.attempts, r.worker_id) for r in conn.execute(statement)]
+
+    def live_processes_on_node(self, node: str) -> tuple[list[ProcessRow], list[ProcessRow]]:
+        """Supervisors and workers on this node that the table still believes alive."""
+        with self._read() as conn:
+            sups = conn.execute(
+                select(supervisors.c.id, supervisors.c.pid, supervisors.c.pid_start_time).where(
+                    supervisors.c.hostname == node,
+                    supervisors.c.status.in_(("running", "stopping")),
+                )
+            ).all()
+            wks = conn.execute(
+                select(
+                    task_workers.c.id,
+                    task_workers.c.worker_pid,
+                    task_workers.c.pid_start_time,
+                    task_workers.c.supervisor_id,
+                ).where(task_workers.c.hostname == node, task_workers.c.is_active)
+            ).all()
+        return (
+            [ProcessRow(r.id, r.pid, r.pid_start_time) for r in sups],
+            [ProcessRow(r.id, r.worker_pid, r.pid_start_time, r.supervisor_id) for r in wks],
+        )
+
+    # -- operators -------------------------------------------------------------------
+
+    def get_task(self, task_id: int) -> dict[str, Any]:
+        with self._read() as conn:
+            row = conn.execute(select(tasks).where(tasks.c.id == task_id)).mappings().first()
+        if row is None:
+            raise UnknownTask(f"no task with id {task_id}")
+        return dict(row)
+
+    def list_tasks(
+        self, *, status: str | None = None, queue: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        columns = [
+            tasks.c.id,
+            tasks.c.queue,
+            tasks.c.task_type,
+            tasks.c.status,
+            tasks.c.priority,
+            tasks.c.attempts,
+            tasks.c.max_attempts,
+            tasks.c.run_at,
+            tasks.c.created_at,
+            tasks.c.started_at,
+            tasks.c.completed_at,
+            tasks.c.duration,
+            tasks.c.worker_id,
+            tasks.c.progress_percentage,
+            tasks.c.last_error,
+        ]
+        query = select(*columns).order_by(tasks.c.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(tasks.c.status == status)
+        if queue is not None:
+            query = query.where(tasks.c.queue == queue)
+        with self._read() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
+
+    def retry_task(self, task_id: int) -> None:
+        """failed or cancelled -> pending, runnable now, with one more attempt allowed."""
+        statement = (
+            update(tasks)
+            .where(tasks.c.id == task_id, tasks.c.status.in_((FAILED, CANCELLED)))
+            .values(
+                status=PENDING,
+                run_at=self._now(),
+                completed_at=None,
+                cancel_requested=False,
+                max_attempts=sa.func.max(tasks.c.max_attempts, tasks.c.attempts + 1)
+                if self.is_sqlite
+                else func.greatest(tasks.c.max_attempts, tasks.c.attempts + 1),
+            )
+        )
+        self._operator_update(statement, task_id, "retried", (FAILED, CANCELLED))
+
+    def cancel_task(self, task_id: int) -> str:
+        """pending -> cancelled at once; running -> cancel requested. Returns what happened."""
+        with self._write() as conn:
+            done = conn.execute(
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.status == PENDING)
+                .values(status=CANCELLED, completed_at=self._now(), cancel_requested=True)
+            ).rowcount
+            if done:
+                return CANCELLED
+            requested = conn.execute(
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.status == RUNNING)
+                .values(cancel_requested=True)
+            ).rowcount
+            if requested:
+                return "cancel_requested"
+            status = conn.execute(select(tasks.c.status).where(tasks.c.id == task_id)).scalar()
+        if status is None:
+            raise UnknownTask(f"no task with id {task_id}")
+        raise WrongState(
+            f"task {task_id} is {status}: only pending or running tasks can be cancelled"
+        )
+
+    def _operator_update(
+        self, statement: sa.Update, task_id: int, verb: str, allowed: Sequence[str]
+    ) -> None:
+        with self._write() as conn:
+            if conn.execute(statement).rowcount == 1:
+                return
+            status = conn.execute(select(tasks.c.status).where(tasks.c.id == task_id)).scalar()
+        if status is None:
+            raise UnknownTask(f"no task with id {task_id}")
+        raise WrongState(
+            f"task {task_id} is {status}: only {' or '.join(allowed)} tasks can be {verb}"
+        )
+
+    def purge(self, older_than: float, statuses: Sequence[str]) -> dict[str, int]:
+        """Delete finished tasks and stopped process rows older than older_than seconds."""
+        cutoff = self._now(-older_than)
+        with self._write() as conn:
+            removed_tasks = conn.execute(
+                tasks.delete().where(tasks.c.status.in_(statuses), tasks.c.completed_at < cutoff)
+            ).rowcount
+            removed_workers = conn.execute(
+                task_workers.delete().where(
+                    ~task_workers.c.is_active, task_workers.c.stopped_at < cutoff
+                )
+            ).rowcount
+            removed_supervisors = conn.execute(
+                supervisors.delete().where(
+                    supervisors.c.status.in_(("stopped", "dead")), supervisors.c.stopped_at < cutoff
+                )
+            ).rowcount
+        return {
+            "tasks": removed_tasks,
+            "workers": removed_workers,
+            "supervisors": removed_supervisors,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """What `taskherd status` shows: live supervisors, their workers, queue depths."""
+        with self._read() as conn:
+            now = self._clock(conn)
+            sups = (
+                conn.execute(
+                    select(supervisors)
+                    .where(supervisors.c.status.in_(("running", "stopping")))
+                    .order_by(supervisors.c.id)
+                )
+                .mappings()
+                .all()
+            )
+            wks = (
+                conn.execute(
+                    select(task_workers).where(task_workers.c.is_active).order_by(task_workers.c.id)
+                )
+                .mappings()
+                .all()
+            )
+            depth = conn.execute(
+                select(tasks.c.queue, tasks.c.status, func.count())
+                .where(tasks.c.status.in_((PENDING, RUNNING)))
+                .group_by(tasks.c.queue, tasks.c.status)
+            ).all()
+            finished = conn.execute(
+                select(tasks.c.status, func.count())
+                .where(tasks.c.status.in_(FINISHED))
+                .group_by(tasks.c.status)
+            ).all()
+        queues: dict[str, dict[str, int]] = {}
+        for queue, status, count in depth:
+            queues.setdefault(queue, {PENDING: 0, RUNNING: 0})[status] = count
+        return {
+            "now": now,
+            "supervisors": [dict(row) for row in sups],
+            "workers": [dict(row) for row in wks],
+            "queues": queues,
+            "totals": {status: count for status, count in finished},
+        }
