@@ -253,11 +253,8 @@ class Supervisor:
                 continue
             del self.workers[worker_id]
             reason = classify_exit(code, handle.kill_reason)
-            early = (
-                time.monotonic() - handle.spawned_at < CRASH_WINDOW and not handle.shared.processed
-            )
             crashed = code == EXIT_BOOT_FAILURE or (
-                code != 0 and early and handle.kill_reason is None
+                code != 0 and handle.kill_reason is None and self._died_at_start(handle)
             )
             (self.log.warning if code else self.log.info)(
                 "worker.exited",
@@ -279,6 +276,13 @@ class Supervisor:
             if not self._stopping:
                 self._note_crash(crashed, reason)
             handle.close()
+
+    @staticmethod
+    def _died_at_start(handle: WorkerHandle) -> bool:
+        """Young and never held a task: its death is a start-up crash, not its task's doing."""
+        young = time.monotonic() - handle.spawned_at < CRASH_WINDOW
+        stats = handle.stats()
+        return young and stats.current_task_id is None and stats.processed == 0
 
     def _note_crash(self, crashed: bool, reason: str) -> None:
         """Back off respawning while workers keep dying at start (a crash loop)."""

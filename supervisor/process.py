@@ -33,6 +33,7 @@ class WorkerHandle:
                 stdin=subprocess.PIPE,
                 pass_fds=(fd,),
                 text=True,
+                process_group=0,  # a terminal's Ctrl-C reaches the supervisor only
             )
         finally:
             os.close(fd)
@@ -72,8 +73,17 @@ class WorkerHandle:
             self.release_tasks = release
         send_signal(self.pid, signal.SIGKILL)
 
+    @property
+    def booted(self) -> bool:
+        """Whether the worker reached its main function (and handles SIGTERM)."""
+        return float(self.shared.beat) > 0
+
     def terminate(self) -> None:
-        send_signal(self.pid, signal.SIGTERM)
+        """Ask for a graceful stop; a worker still booting holds no task and is killed."""
+        if self.booted:
+            send_signal(self.pid, signal.SIGTERM)
+        else:
+            self.kill("stopped before it finished booting", release=True)
 
 
 def send_signal(pid: int, signum: int) -> None:
