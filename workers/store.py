@@ -768,20 +768,20 @@ class Store:
             if not workers:
                 return
             ids = list(workers)
+
+            def per_worker(field: Any, type_: Any) -> ColumnElement[Any]:
+                """CASE id WHEN ... THEN ...: one value per worker, typed (all NULL is no type)."""
+                values = {worker_id: field(stats) for worker_id, stats in workers.items()}
+                return sa.cast(case(values, value=task_workers.c.id), type_)
+
             conn.execute(
                 update(task_workers)
                 .where(task_workers.c.id.in_(ids))
                 .values(
                     last_heartbeat=now,
-                    current_task_id=case(
-                        {i: s.current_task_id for i, s in workers.items()}, value=task_workers.c.id
-                    ),
-                    processed_tasks_count=case(
-                        {i: s.processed for i, s in workers.items()}, value=task_workers.c.id
-                    ),
-                    failed_tasks_count=case(
-                        {i: s.failed for i, s in workers.items()}, value=task_workers.c.id
-                    ),
+                    current_task_id=per_worker(lambda s: s.current_task_id, sa.BigInteger),
+                    processed_tasks_count=per_worker(lambda s: s.processed, Integer),
+                    failed_tasks_count=per_worker(lambda s: s.failed, Integer),
                 )
             )
 

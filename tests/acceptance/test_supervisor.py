@@ -22,8 +22,8 @@ from workers.store import NewTask, Store, task_workers
 StartPool = Callable[..., Pool]
 
 
-def test_kill_worker_while_task_in_flight(start_pool: StartPool) -> None:
-    pool = start_pool(workers=2)
+def test_kill_worker_while_task_in_flight(start_pool: StartPool, database_url: str) -> None:
+    pool = start_pool(database_url, workers=2)
     task_id = pool.queue.enqueue("sleep", {"seconds": 30})
     row = pool.running_task(task_id)
     victim = row["worker_id"]
@@ -122,8 +122,8 @@ def test_supervisor_sigkill_leaves_no_orphans(start_pool: StartPool) -> None:
     assert "supervisor.predecessor_dead" in events
 
 
-def test_sigterm_lets_running_task_finish(start_pool: StartPool) -> None:
-    pool = start_pool(workers=2, options={"--graceful-timeout": "10"})
+def test_sigterm_lets_running_task_finish(start_pool: StartPool, database_url: str) -> None:
+    pool = start_pool(database_url, workers=2, options={"--graceful-timeout": "10"})
     task_id = pool.queue.enqueue("sleep", {"seconds": 1.5})
     pool.running_task(task_id)
     wait_until(lambda: count_events(pool, "Background worker started") == 2, 10)
