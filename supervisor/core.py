@@ -116,8 +116,8 @@ class Supervisor:
     def run(self) -> None:
         """Boot, supervise until told to stop, then drain. Blocks; handles TERM, INT and QUIT."""
         self._inbox.install()
-        self.boot()
         try:
+            self.boot()
             self.loop()
         finally:
             self.shutdown()
@@ -127,7 +127,11 @@ class Supervisor:
 
         The application keeps its own signal handlers; it calls stop() from its shutdown.
         """
-        self.boot()
+        try:
+            self.boot()
+        except BaseException:
+            self.shutdown()
+            raise
 
         def supervise() -> None:
             try:
@@ -480,11 +484,12 @@ class Supervisor:
         self._stopping = True
         self.reap_workers()
         self.settle_retirements()
-        if self.store is not None and self.id:
-            self._db(lambda store: store.set_supervisor_status(self.id, "stopped"), "stopped")
+        if self.store is not None:
+            if self.id:
+                self._db(lambda store: store.set_supervisor_status(self.id, "stopped"), "stopped")
+                self.log.info("supervisor.stopped")
             self.store.dispose()
         self._inbox.close()
-        self.log.info("supervisor.stopped")
 
     # -- database access that survives outages --------------------------------------
 

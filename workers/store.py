@@ -847,8 +847,13 @@ class Store:
                 .where(supervisors.c.last_heartbeat < cutoff)
                 .values(status="dead", stopped_at=self._now())
             )
-            inactive = select(task_workers.c.id).where(~task_workers.c.is_active)
-            rescued = self._rescue(conn, tasks.c.worker_id.in_(inactive.scalar_subquery()), error)
+            # Per running task, a primary-key look-up: cheap however many old workers pile up.
+            holder_alive = (
+                select(task_workers.c.id)
+                .where(task_workers.c.id == tasks.c.worker_id, task_workers.c.is_active)
+                .exists()
+            )
+            rescued = self._rescue(conn, ~holder_alive, error)
         return rescued, lost
 
     def _rescue(
