@@ -27,3 +27,34 @@ def record(ctx: Any, payload: dict[str, Any]) -> int:
     with Path(payload["file"]).open("a") as out:
         out.write(f"{ctx.task_id}\n")
     return int(ctx.task_id)
+
+
+@task("flaky", max_retries=2, retry_backoff=0.05)
+def flaky(ctx: Any, payload: dict[str, Any]) -> str:
+    """Fails on its first attempt, succeeds on the next."""
+    if ctx.attempt == 1:
+        raise RuntimeError("first attempt fails")
+    return "recovered"
+
+
+@task("echo_async")
+async def echo_async(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """An async handler: runs on the worker's event loop."""
+    return {"echo": payload}
+
+
+@task("report")
+def report(ctx: Any, payload: dict[str, Any]) -> None:
+    """Reports progress faster than it is written, and logs two lines."""
+    ctx.log("info", "starting", steps=10)
+    for step in range(1, 11):
+        ctx.progress(step * 10, step=f"step {step}", total_steps=10, message="working")
+    ctx.log("warning", "done")
+
+
+@task("picky")
+def picky(ctx: Any, payload: dict[str, Any]) -> None:
+    """Rejects every payload: a permanent failure, no retry."""
+    from workers import InvalidPayload
+
+    raise InvalidPayload("size must be a positive integer")
