@@ -264,8 +264,8 @@ def normalise_url(url: str) -> sa.URL:
     """Parse a database URL; only SQLite files and PostgreSQL (psycopg 3) are accepted."""
     try:
         parsed = make_url(url)
-    except sa.exc.ArgumentError as error:
-        raise BadDatabase(f"invalid database URL {url!r}") from error
+    except (sa.exc.ArgumentError, ValueError) as error:
+        raise BadDatabase("invalid database URL: use sqlite:///FILE or postgresql://...") from error
     backend = parsed.get_backend_name()
     if backend in ("postgresql", "postgres"):
         return parsed.set(drivername="postgresql+psycopg")
@@ -282,7 +282,7 @@ def mask_url(url: str | sa.URL) -> str:
     """The URL as it may be shown or logged: the password replaced by ***."""
     try:
         parsed = make_url(url) if isinstance(url, str) else url
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):
         return "<invalid URL>"
     return parsed.render_as_string(hide_password=True)
 

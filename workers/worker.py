@@ -117,6 +117,7 @@ def main(args: WorkerArgs, shared: SharedState) -> None:
     try:
         worker.run()
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already stopping; a late TERM is moot
         worker.close()
         store.dispose()
     log.info("Background worker stopped", processed=shared.processed, failed=shared.failed)
