@@ -332,9 +332,22 @@ class Supervisor:
         )
 
     def kill_hung_workers(self) -> None:
-        """SIGKILL a worker whose liveness proof is older than worker_timeout."""
+        """SIGKILL a worker whose liveness proof is older than worker_timeout, or whose task
+        ran past its timeout."""
         now = time.monotonic()
         for handle in self.workers.values():
+            timeout = handle.overdue(now)
+            if timeout is not None and handle.kill_reason is None:
+                task_id = handle.shared.current_task
+                self.log.error(
+                    "task.timed_out",
+                    task_id=task_id,
+                    worker_id=handle.worker_id,
+                    pid=handle.pid,
+                    timeout=timeout,
+                )
+                handle.kill(f"timed out after {timeout:g} s (task {task_id})")
+                continue
             age = handle.liveness_age(now)
             if age > self.worker_timeout and handle.kill_reason is None:
                 self.log.error(
@@ -433,6 +446,8 @@ class Supervisor:
             due.append(self._stop_deadline)
         elif len(self.workers) < self.desired:
             due.append(self._next_spawn)
+        # task deadlines share CLOCK_MONOTONIC with us: wake when the first one passes
+        due.extend(d for h in self.workers.values() if (d := float(h.shared.task_deadline)))
         timeout = max(0.0, min(MAX_TICK, *(moment - now for moment in due)))
         waitables: list[Any] = [handle.sentinel for handle in self.workers.values()]
         waitables.append(self._inbox)

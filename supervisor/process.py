@@ -62,6 +62,15 @@ class WorkerHandle:
         """Seconds since the worker's last liveness proof (since its spawn, before the first)."""
         return now - max(float(self.shared.beat), self.spawned_at)
 
+    def overdue(self, now: float) -> float | None:
+        """The timeout of the task this worker runs, if that task has run past it."""
+        task, deadline = self.shared.current_task, float(self.shared.task_deadline)
+        if not task or not deadline or now <= deadline:
+            return None
+        if self.shared.current_task != task:  # it moved on while we looked
+            return None
+        return float(self.shared.task_timeout)
+
     def stats(self) -> WorkerStats:
         current = self.shared.current_task
         return WorkerStats(current or None, self.shared.processed, self.shared.failed)

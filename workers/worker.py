@@ -49,6 +49,8 @@ class SharedState(ctypes.Structure):
         ("current_task", ctypes.c_int64),  # 0 when idle
         ("processed", ctypes.c_int64),  # attempts this worker brought to an end
         ("failed", ctypes.c_int64),  # of those, the ones that failed
+        ("task_timeout", ctypes.c_double),  # seconds the current task may run; 0: no limit
+        ("task_deadline", ctypes.c_double),  # time.monotonic() past which it is killed
     ]
 
 
@@ -189,6 +191,7 @@ class Worker:
         except LostClaim:
             log.warning("task.claim_lost")
         finally:
+            self.shared.task_deadline = 0.0
             self.shared.current_task = 0
             self.shared.processed += 1
 
@@ -206,6 +209,10 @@ class Worker:
                 claim, log, f"payload is not valid JSON: {exc}", permanent=True, started=started
             )
             return
+        timeout = claim.timeout or spec.timeout
+        if timeout:  # enforced by the supervisor, which kills this process when it passes
+            self.shared.task_timeout = timeout
+            self.shared.task_deadline = started + timeout
         ctx = TaskContext(self.store, claim, self.shutdown)
         try:
             if spec.is_async:

@@ -58,3 +58,19 @@ def picky(ctx: Any, payload: dict[str, Any]) -> None:
     from workers import InvalidPayload
 
     raise InvalidPayload("size must be a positive integer")
+
+
+@task("poison", max_retries=2)
+def poison(ctx: Any, payload: dict[str, Any]) -> None:
+    """Kills its own worker process, every time: by a signal, an exit, or a segfault."""
+    import ctypes
+    import signal
+
+    how = payload["how"]
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif how == "exit":
+        os._exit(7)
+    elif how == "segfault":
+        ctypes.string_at(0)
+    raise ValueError(f"unknown way to die: {how}")
