@@ -369,8 +369,14 @@ class Supervisor:
             for worker_id, handle in self.workers.items()
             if handle.liveness_age(now) <= self.worker_timeout and handle.kill_reason is None
         }
-        if self._db(lambda store: store.record_heartbeats(self.id, live), "heartbeat") is not None:
-            self._next_heartbeat = now + self.heartbeat_interval
+        disowned = self._db(lambda store: store.record_heartbeats(self.id, live), "heartbeat")
+        if disowned is None:
+            return
+        self._next_heartbeat = now + self.heartbeat_interval
+        for worker_id in disowned:
+            handle = self.workers[worker_id]
+            self.log.error("worker.disowned", worker_id=worker_id, pid=handle.pid)
+            handle.kill("killed: declared lost by another node while this one was cut off")
 
     def rescue_stale_tasks(self) -> None:
         """Rescue tasks whose worker's heartbeat is older than heartbeat_timeout, on any node.

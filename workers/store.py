@@ -756,17 +756,28 @@ class Store:
                 .values(worker_pid=pid, pid_start_time=pid_start_time)
             )
 
-    def record_heartbeats(self, supervisor_id: int, workers: Mapping[int, WorkerStats]) -> None:
-        """Stamp the supervisor and all its live workers: one statement per table."""
+    def record_heartbeats(self, supervisor_id: int, workers: Mapping[int, WorkerStats]) -> set[int]:
+        """Stamp the supervisor and all its live workers: one statement per table.
+
+        Returns the workers another node has declared lost meanwhile (their rows are no
+        longer active): their tasks were rescued, and they must not go on. A supervisor
+        declared dead is running again.
+        """
         now = self._now()
         with self._write() as conn:
             conn.execute(
                 update(supervisors)
                 .where(supervisors.c.id == supervisor_id)
-                .values(last_heartbeat=now)
+                .values(
+                    last_heartbeat=now,
+                    status=case(
+                        (supervisors.c.status == "dead", "running"), else_=supervisors.c.status
+                    ),
+                    stopped_at=None,
+                )
             )
             if not workers:
-                return
+                return set()
             ids = list(workers)
 
             def per_worker(field: Any, type_: Any) -> ColumnElement[Any]:
@@ -774,16 +785,18 @@ class Store:
                 values = {worker_id: field(stats) for worker_id, stats in workers.items()}
                 return sa.cast(case(values, value=task_workers.c.id), type_)
 
-            conn.execute(
+            stamped = conn.execute(
                 update(task_workers)
-                .where(task_workers.c.id.in_(ids))
+                .where(task_workers.c.id.in_(ids), task_workers.c.is_active)
                 .values(
                     last_heartbeat=now,
                     current_task_id=per_worker(lambda s: s.current_task_id, sa.BigInteger),
                     processed_tasks_count=per_worker(lambda s: s.processed, Integer),
                     failed_tasks_count=per_worker(lambda s: s.failed, Integer),
                 )
-            )
+                .returning(task_workers.c.id)
+            ).scalars()
+            return set(ids) - set(stamped)
 
     def retire_worker(
         self,

@@ -922,3 +922,17 @@ def test_record_heartbeats_with_no_workers_stamps_the_supervisor(
     before = store.now()
     store.record_heartbeats(supervisor_id, {})
     assert_between(supervisor_row(store, supervisor_id)["last_heartbeat"], before, store.now())
+
+
+def test_record_heartbeats_reports_workers_declared_lost_elsewhere(
+    store: Store, supervisor_id: int
+) -> None:
+    kept = store.register_worker(supervisor_id, "node-a", [])
+    lost = store.register_worker(supervisor_id, "node-a", [])
+    store.retire_worker(lost, exit_code=None, exit_reason="heartbeat lost")
+    store.set_supervisor_status(supervisor_id, "dead")
+    idle = WorkerStats(None, 0, 0)
+
+    assert store.record_heartbeats(supervisor_id, {kept: idle, lost: idle}) == {lost}
+    assert supervisor_row(store, supervisor_id)["status"] == "running"
+    assert supervisor_row(store, supervisor_id)["stopped_at"] is None
