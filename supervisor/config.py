@@ -45,6 +45,7 @@ class Config:
     heartbeat_timeout: float = core.HEARTBEAT_TIMEOUT
     worker_timeout: float = core.WORKER_TIMEOUT
     graceful_timeout: float = core.GRACEFUL_TIMEOUT
+    cancel_grace: float = core.CANCEL_GRACE
     config_file: str | None = None  # where file values came from, if anywhere
 
     def validate(self) -> None:
@@ -81,6 +82,7 @@ class Config:
             "heartbeat_timeout": self.heartbeat_timeout,
             "worker_timeout": self.worker_timeout,
             "graceful_timeout": self.graceful_timeout,
+            "cancel_grace": self.cancel_grace,
             "log_format": self.log_format,
             "log_level": self.log_level,
         }
@@ -262,6 +264,9 @@ OPTIONS: tuple[Option, ...] = (
            "S"),
     Option("graceful_timeout", ("--graceful-timeout",), "run", SECONDS, _not_negative,
            _constant(core.GRACEFUL_TIMEOUT), "seconds running tasks get to finish on SIGTERM",
+           "S"),
+    Option("cancel_grace", ("--cancel-grace",), "run", SECONDS, _not_negative,
+           _constant(core.CANCEL_GRACE), "seconds a cancelled running task gets to stop",
            "S"),
 )
 # fmt: on

@@ -39,6 +39,8 @@ HEARTBEAT_INTERVAL = 2.0  # seconds between two heartbeat statements
 HEARTBEAT_TIMEOUT = 30.0  # seconds of silence (database clock) before any node rescues
 WORKER_TIMEOUT = 30.0  # seconds without a liveness proof before a worker is killed as hung
 GRACEFUL_TIMEOUT = 30.0  # seconds running tasks get to finish on SIGTERM
+CANCEL_GRACE = 10.0  # seconds a cancelled running task gets to stop before its worker is killed
+CANCEL_CHECK_INTERVAL = 0.5  # seconds between two looks for cancel requests (busy workers only)
 POLL_INTERVAL = 1.0  # seconds between a worker's looks at an empty queue
 MAX_TICK = 1.0  # seconds: the longest the loop sleeps when nothing wakes it
 CRASH_WINDOW = 5.0  # seconds: a worker dying younger than this, having done nothing, crashed
@@ -74,6 +76,7 @@ class Supervisor:
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         worker_timeout: float = WORKER_TIMEOUT,
         graceful_timeout: float = GRACEFUL_TIMEOUT,
+        cancel_grace: float = CANCEL_GRACE,
         log_format: str | None = None,
         log_level: str = "info",
     ) -> None:
@@ -89,6 +92,7 @@ class Supervisor:
         self.heartbeat_timeout = heartbeat_timeout
         self.worker_timeout = worker_timeout
         self.graceful_timeout = graceful_timeout
+        self.cancel_grace = cancel_grace
         self.log_format = log_format
         self.log_level = log_level
 
@@ -104,6 +108,7 @@ class Supervisor:
         self._next_heartbeat = 0.0
         self._next_rescue = 0.0
         self._next_spawn = 0.0
+        self._next_cancel_check = 0.0
         self._crash_streak = 0
         self._db_down_since: float | None = None
         self._db_up_since = time.monotonic()
@@ -194,6 +199,7 @@ class Supervisor:
                 return True
         else:
             self.kill_hung_workers()
+            self.forward_cancellations()
             self.top_up()
         self.record_heartbeats()
         if not self._stopping:
@@ -358,6 +364,31 @@ class Supervisor:
                 )
                 limit = f"worker timeout {self.worker_timeout:g} s"
                 handle.kill(f"killed: unresponsive for {age:.0f} s ({limit})")
+
+    def forward_cancellations(self) -> None:
+        """Tell busy workers their task was cancelled; kill those still at it after the grace."""
+        now = time.monotonic()
+        busy = [i for i, h in self.workers.items() if h.shared.current_task and not h.kill_reason]
+        if not busy or now < self._next_cancel_check:
+            return
+        requests = self._db(lambda store: store.cancel_requests(busy), "cancel requests")
+        if requests is None:
+            return
+        self._next_cancel_check = now + CANCEL_CHECK_INTERVAL
+        for task_id, worker_id in requests.items():
+            handle = self.workers[worker_id]
+            if handle.shared.current_task != task_id:
+                continue  # it finished meanwhile
+            if handle.cancel_deadline is None:
+                handle.shared.cancel_task = task_id
+                handle.cancel_deadline = now + self.cancel_grace
+                self.log.info("task.cancel_forwarded", task_id=task_id, worker_id=worker_id)
+            elif now >= handle.cancel_deadline:
+                self.log.warning("task.cancel_enforced", task_id=task_id, worker_id=worker_id)
+                handle.kill(
+                    f"killed: task {task_id} was cancelled and still ran "
+                    f"{self.cancel_grace:g} s later"
+                )
 
     def record_heartbeats(self) -> None:
         """Stamp this supervisor and its live workers, one statement per table, when due."""

@@ -24,6 +24,7 @@ class WorkerHandle:
         self.spawned_at = time.monotonic()
         self.kill_reason: str | None = None  # set when the supervisor itself kills the worker
         self.release_tasks = False  # killed for our reasons (shutdown), not its task's
+        self.cancel_deadline: float | None = None  # when a cancelled task's grace runs out
         fd = os.memfd_create(f"taskherd-worker-{worker_id}")
         try:
             self._memory, self.shared = map_shared_state(fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +29,7 @@ class TaskContext:
         shutdown: threading.Event,
         *,
         progress_interval: float = PROGRESS_INTERVAL,
+        cancel_signal: Callable[[], bool] | None = None,
     ) -> None:
         self._store = store
         self._claim = claim
@@ -36,6 +38,7 @@ class TaskContext:
         self._last_write = -math.inf
         self._unwritten: Progress | None = None
         self._cancel_requested = False
+        self._cancel_signal = cancel_signal
 
     @property
     def task_id(self) -> int:
@@ -55,7 +58,10 @@ class TaskContext:
 
     @property
     def cancel_requested(self) -> bool:
-        """True once `taskherd cancel` asked for this task (seen at the next progress write)."""
+        """True once `taskherd cancel` asked for this task: within about a second (the
+        supervisor forwards it), or at the next progress write, whichever comes first."""
+        if not self._cancel_requested and self._cancel_signal is not None:
+            self._cancel_requested = self._cancel_signal()
         return self._cancel_requested
 
     @property
@@ -64,7 +70,7 @@ class TaskContext:
         return self._shutdown.is_set()
 
     def raise_if_cancelled(self) -> None:
-        if self._cancel_requested:
+        if self.cancel_requested:
             raise Cancelled(f"task {self.task_id} was cancelled")
 
     def request_cancel(self) -> None:

@@ -798,6 +798,18 @@ class Store:
             ).scalars()
             return set(ids) - set(stamped)
 
+    def cancel_requests(self, worker_ids: Sequence[int]) -> dict[int, int]:
+        """task id -> worker id, for running tasks of these workers whose cancel was requested."""
+        if not worker_ids:
+            return {}
+        query = select(tasks.c.id, tasks.c.worker_id).where(
+            tasks.c.status == RUNNING,
+            tasks.c.worker_id.in_(list(worker_ids)),
+            tasks.c.cancel_requested,
+        )
+        with self._read() as conn:
+            return {row.id: row.worker_id for row in conn.execute(query)}
+
     def retire_worker(
         self,
         worker_id: int,

@@ -51,6 +51,7 @@ class SharedState(ctypes.Structure):
         ("failed", ctypes.c_int64),  # of those, the ones that failed
         ("task_timeout", ctypes.c_double),  # seconds the current task may run; 0: no limit
         ("task_deadline", ctypes.c_double),  # time.monotonic() past which it is killed
+        ("cancel_task", ctypes.c_int64),  # set by the supervisor: this task's cancel was asked
     ]
 
 
@@ -213,7 +214,12 @@ class Worker:
         if timeout:  # enforced by the supervisor, which kills this process when it passes
             self.shared.task_timeout = timeout
             self.shared.task_deadline = started + timeout
-        ctx = TaskContext(self.store, claim, self.shutdown)
+        ctx = TaskContext(
+            self.store,
+            claim,
+            self.shutdown,
+            cancel_signal=lambda: self.shared.cancel_task == claim.id,
+        )
         try:
             if spec.is_async:
                 if self._runner is None:

@@ -74,3 +74,19 @@ def poison(ctx: Any, payload: dict[str, Any]) -> None:
     elif how == "segfault":
         ctypes.string_at(0)
     raise ValueError(f"unknown way to die: {how}")
+
+
+@task("cancellable")
+def cancellable(ctx: Any, payload: dict[str, Any]) -> None:
+    """Works until cancelled, checking ctx.cancel_requested without writing progress."""
+    Path(payload["started"]).touch()
+    while True:
+        ctx.raise_if_cancelled()
+        time.sleep(0.01)
+
+
+@task("stubborn")
+def stubborn(ctx: Any, payload: dict[str, Any]) -> None:
+    """Ignores cancellation."""
+    Path(payload["started"]).touch()
+    time.sleep(60)
