@@ -95,6 +95,7 @@ def test_environment_twins_follow_the_documented_names() -> None:
         "TASKHERD_HEARTBEAT_TIMEOUT",
         "TASKHERD_WORKER_TIMEOUT",
         "TASKHERD_GRACEFUL_TIMEOUT",
+        "TASKHERD_CANCEL_GRACE",
     }
 
 
