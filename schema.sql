@@ -1,4 +1,4 @@
--- taskherd schema, version 1.
+-- taskherd schema, version 2 (v2 added task_workers.rss_mb).
 --
 -- `taskherd init-db` applies this file; it is idempotent. The same file runs on
 -- SQLite and PostgreSQL: a line that ends in `-- sqlite` or `-- postgresql` is
@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS task_workers (
     failed_tasks_count INTEGER NOT NULL DEFAULT 0,
     exit_code INTEGER,
     exit_reason TEXT,
-    queues TEXT NOT NULL DEFAULT '*'
+    queues TEXT NOT NULL DEFAULT '*',
+    rss_mb DOUBLE PRECISION
 );
 
 CREATE INDEX IF NOT EXISTS task_workers_active
@@ -112,4 +113,4 @@ CREATE TABLE IF NOT EXISTS supervisors (
 CREATE INDEX IF NOT EXISTS supervisors_running
     ON supervisors (hostname) WHERE status IN ('running', 'stopping');
 
-INSERT INTO schema_version (version) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM schema_version);
+INSERT INTO schema_version (version) SELECT 2 WHERE NOT EXISTS (SELECT 1 FROM schema_version);

@@ -46,6 +46,8 @@ class Config:
     worker_timeout: float = core.WORKER_TIMEOUT
     graceful_timeout: float = core.GRACEFUL_TIMEOUT
     cancel_grace: float = core.CANCEL_GRACE
+    max_tasks_per_worker: int | None = None
+    max_memory_per_worker: float | None = None
     config_file: str | None = None  # where file values came from, if anywhere
 
     def validate(self) -> None:
@@ -83,6 +85,8 @@ class Config:
             "worker_timeout": self.worker_timeout,
             "graceful_timeout": self.graceful_timeout,
             "cancel_grace": self.cancel_grace,
+            "max_tasks_per_worker": self.max_tasks_per_worker,
+            "max_memory_per_worker": self.max_memory_per_worker,
             "log_format": self.log_format,
             "log_level": self.log_level,
         }
@@ -102,14 +106,20 @@ def _integer(value: str) -> int:
         raise ConfigError(f"must be a whole number, not {value!r}") from None
 
 
-def _seconds(value: str) -> float:
-    try:
-        number = float(value.strip())
-    except ValueError:
-        raise ConfigError(f"must be a number of seconds, not {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"must be a finite number of seconds, not {value!r}")
-    return number
+def _number_of(unit: str) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"must be a number of {unit}, not {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"must be a finite number of {unit}, not {value!r}")
+        return number
+
+    return parse
+
+
+_seconds = _number_of("seconds")
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -144,6 +154,17 @@ def _not_negative(value: Any) -> str | None:
     return None if value >= 0 else f"must be 0 or more seconds, not {value:g}"
 
 
+def _unless_none(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """A check for a setting that may be left unset (None)."""
+    return lambda value: None if value is None else check(value)
+
+
+def _positive_size(value: Any) -> str | None:
+    if not math.isfinite(value) or value <= 0:
+        return f"must be a positive number of megabytes, not {value!r}"
+    return None
+
+
 def _all_named(value: Any) -> str | None:
     return None if all(value) else "names must not be empty"
 
@@ -171,6 +192,7 @@ TEXT = Kind(_text, str, "a string")
 WORD = Kind(_lower, str, "a string")
 COUNT = Kind(_integer, int, "a whole number")
 SECONDS = Kind(_seconds, (int, float), "a number of seconds")
+MEGABYTES = Kind(_number_of("megabytes"), (int, float), "a number of megabytes")
 NAMES = Kind(_names, list, "a list of strings", is_list=True)
 
 
@@ -268,6 +290,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("cancel_grace", ("--cancel-grace",), "run", SECONDS, _not_negative,
            _constant(core.CANCEL_GRACE), "seconds a cancelled running task gets to stop",
            "S"),
+    Option("max_tasks_per_worker", ("--max-tasks-per-worker",), "run", COUNT,
+           _unless_none(_at_least(1, " task")), _constant(None),
+           "recycle a worker after about N tasks (default: never)", "N"),
+    Option("max_memory_per_worker", ("--max-memory-per-worker",), "run", MEGABYTES,
+           _unless_none(_positive_size), _constant(None),
+           "recycle a worker whose memory passes MB (default: never)", "MB"),
 )
 # fmt: on
 

@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from supervisor.process import (
+    CLEAN_EXITS,
     WorkerHandle,
     classify_exit,
     is_same_process,
@@ -77,6 +78,8 @@ class Supervisor:
         worker_timeout: float = WORKER_TIMEOUT,
         graceful_timeout: float = GRACEFUL_TIMEOUT,
         cancel_grace: float = CANCEL_GRACE,
+        max_tasks_per_worker: int | None = None,
+        max_memory_per_worker: float | None = None,
         log_format: str | None = None,
         log_level: str = "info",
     ) -> None:
@@ -93,6 +96,8 @@ class Supervisor:
         self.worker_timeout = worker_timeout
         self.graceful_timeout = graceful_timeout
         self.cancel_grace = cancel_grace
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.max_memory_per_worker = max_memory_per_worker
         self.log_format = log_format
         self.log_level = log_level
 
@@ -264,9 +269,11 @@ class Supervisor:
             del self.workers[worker_id]
             reason = classify_exit(code, handle.kill_reason)
             crashed = code == EXIT_BOOT_FAILURE or (
-                code != 0 and handle.kill_reason is None and self._died_at_start(handle)
+                code not in CLEAN_EXITS
+                and handle.kill_reason is None
+                and self._died_at_start(handle)
             )
-            (self.log.warning if code else self.log.info)(
+            (self.log.info if code in CLEAN_EXITS else self.log.warning)(
                 "worker.exited",
                 worker_id=worker_id,
                 pid=handle.pid,
@@ -396,7 +403,7 @@ class Supervisor:
         if now < self._next_heartbeat:
             return
         live = {
-            worker_id: handle.stats()
+            worker_id: handle.stats(with_memory=True)
             for worker_id, handle in self.workers.items()
             if handle.liveness_age(now) <= self.worker_timeout and handle.kill_reason is None
         }
@@ -460,6 +467,8 @@ class Supervisor:
             queues=self.queues,
             imports=self.imports,
             poll_interval=self.poll_interval,
+            max_tasks=self.max_tasks_per_worker,
+            max_memory_mb=self.max_memory_per_worker,
             log_format=self.log_format,
             log_level=self.log_level,
             sys_path=tuple(sys.path),

@@ -13,7 +13,18 @@ import time
 import psutil
 
 from workers.store import WorkerStats
-from workers.worker import EXIT_BOOT_FAILURE, EXIT_OK, EXIT_ORPHANED, WorkerArgs, map_shared_state
+from workers.worker import (
+    EXIT_BOOT_FAILURE,
+    EXIT_OK,
+    EXIT_ORPHANED,
+    EXIT_RECYCLED_MEMORY,
+    EXIT_RECYCLED_TASKS,
+    WorkerArgs,
+    map_shared_state,
+)
+
+# Clean ends: the worker stopped when asked, or recycled itself; nothing failed.
+CLEAN_EXITS = (EXIT_OK, EXIT_RECYCLED_TASKS, EXIT_RECYCLED_MEMORY)
 
 
 class WorkerHandle:
@@ -72,9 +83,17 @@ class WorkerHandle:
             return None
         return float(self.shared.task_timeout)
 
-    def stats(self) -> WorkerStats:
+    def stats(self, with_memory: bool = False) -> WorkerStats:
         current = self.shared.current_task
-        return WorkerStats(current or None, self.shared.processed, self.shared.failed)
+        rss_mb = self.rss_mb() if with_memory else None
+        return WorkerStats(current or None, self.shared.processed, self.shared.failed, rss_mb)
+
+    def rss_mb(self) -> float | None:
+        """The worker's resident memory in MiB (psutil), None if it cannot be read."""
+        try:
+            return round(float(psutil.Process(self.pid).memory_info().rss) / 2**20, 1)
+        except psutil.Error:
+            return None
 
     def kill(self, reason: str, *, release: bool = False) -> None:
         """SIGKILL, remembering why: a hung or stopped process cannot act on SIGTERM."""
@@ -113,6 +132,10 @@ def classify_exit(exit_code: int | None, kill_reason: str | None) -> str:
         return "exited cleanly"
     if exit_code == EXIT_BOOT_FAILURE:
         return "could not boot (a task module failed to import, or the database is unusable)"
+    if exit_code == EXIT_RECYCLED_TASKS:
+        return "recycled after its share of tasks (max tasks per worker)"
+    if exit_code == EXIT_RECYCLED_MEMORY:
+        return "recycled: its memory passed the limit (max memory per worker)"
     if exit_code == EXIT_ORPHANED:
         return "left because its supervisor died"
     if exit_code < 0:

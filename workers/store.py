@@ -40,7 +40,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import DateTime, TypeDecorator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Statements that bring a schema of version N-1 up to N; schema.sql then adds what is missing.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE task_workers ADD COLUMN rss_mb DOUBLE PRECISION",),
+}
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 SQLITE_SYNCHRONOUS = "NORMAL"
 MAX_ERROR_LENGTH = 8_000
@@ -147,6 +152,7 @@ task_workers = Table(
     Column("exit_code", Integer),
     Column("exit_reason", Text),
     Column("queues", Text, nullable=False),
+    Column("rss_mb", Float),
 )
 
 supervisors = Table(
@@ -223,6 +229,7 @@ class WorkerStats:
     current_task_id: int | None
     processed: int
     failed: int
+    rss_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -432,9 +439,13 @@ class Store:
                     f"the schema is version {found}, newer than this taskherd "
                     f"(version {SCHEMA_VERSION}): upgrade taskherd"
                 )
+            for version in range((found or SCHEMA_VERSION) + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS.get(version, ()):
+                    conn.exec_driver_sql(statement)
             for statement in schema_statements(self.dialect):
                 conn.exec_driver_sql(statement)
-            return self._version(conn) or SCHEMA_VERSION
+            conn.execute(update(schema_version).values(version=SCHEMA_VERSION))
+            return SCHEMA_VERSION
 
     def check_schema(self) -> None:
         """Raise BadDatabase unless this database holds the schema this code expects."""
@@ -793,6 +804,7 @@ class Store:
                     current_task_id=per_worker(lambda s: s.current_task_id, sa.BigInteger),
                     processed_tasks_count=per_worker(lambda s: s.processed, Integer),
                     failed_tasks_count=per_worker(lambda s: s.failed, Integer),
+                    rss_mb=per_worker(lambda s: s.rss_mb, Float),
                 )
                 .returning(task_workers.c.id)
             ).scalars()

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import mmap
 import os
+import random
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import structlog
 
 from workers import registry
@@ -37,6 +39,9 @@ LIVENESS_INTERVAL = 0.25  # seconds between two stamps of the liveness proof
 EXIT_OK = 0
 EXIT_BOOT_FAILURE = 3  # cannot boot: a task module that fails to import, an unusable database
 EXIT_ORPHANED = 4  # the supervisor died; the worker left rather than run unwatched
+EXIT_RECYCLED_TASKS = 5  # did its share of tasks (--max-tasks-per-worker): replaced, no failure
+EXIT_RECYCLED_MEMORY = 6  # grew past --max-memory-per-worker: replaced, no failure
+RECYCLE_JITTER = 0.1  # limits vary by up to this share, so workers do not all recycle at once
 
 BOOT_ERRORS: tuple[type[Exception], ...] = (registry.TaskModuleError, StoreError, *TRANSIENT_ERRORS)
 
@@ -75,6 +80,8 @@ class WorkerArgs:
     poll_interval: float = POLL_INTERVAL
     log_format: str | None = None
     log_level: str = "info"
+    max_tasks: int | None = None
+    max_memory_mb: float | None = None
     shared_fd: int = -1
     sys_path: tuple[str, ...] = ()
 
@@ -118,13 +125,13 @@ def main(args: WorkerArgs, shared: SharedState) -> None:
     log.info("Background worker started", queues=list(args.queues) or "*")
     worker = Worker(store, args, shared, shutdown, log)
     try:
-        worker.run()
+        exit_code = worker.run()
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already stopping; a late TERM is moot
         worker.close()
         store.dispose()
     log.info("Background worker stopped", processed=shared.processed, failed=shared.failed)
-    sys.exit(EXIT_OK)
+    sys.exit(exit_code)
 
 
 def _prove_alive(shared: SharedState, supervisor_pid: int, log: Any) -> None:
@@ -154,9 +161,19 @@ class Worker:
         self.shutdown = shutdown
         self.log = log
         self._runner: asyncio.Runner | None = None
+        rng = random.Random()
+        self.max_tasks = (
+            args.max_tasks + rng.randint(0, int(args.max_tasks * RECYCLE_JITTER))
+            if args.max_tasks
+            else None
+        )
+        self.max_memory_mb = (
+            args.max_memory_mb * rng.uniform(1 - RECYCLE_JITTER, 1) if args.max_memory_mb else None
+        )
 
-    def run(self) -> None:
-        """Work until shutdown is set; a task in flight is finished first."""
+    def run(self) -> int:
+        """Work until shutdown is set or it is time to recycle; a task in flight is finished
+        first. Returns the exit code."""
         while not self.shutdown.is_set():
             claims = self.claim()
             if not claims:
@@ -164,6 +181,22 @@ class Worker:
                 continue
             for claim in claims:
                 self.run_task(claim)
+            recycle = self.recycle_code()
+            if recycle is not None:
+                return recycle
+        return EXIT_OK
+
+    def recycle_code(self) -> int | None:
+        """Between tasks: the exit code to recycle with, if a limit is reached."""
+        if self.max_tasks is not None and self.shared.processed >= self.max_tasks:
+            self.log.info("worker.recycling", processed=self.shared.processed, limit=self.max_tasks)
+            return EXIT_RECYCLED_TASKS
+        if self.max_memory_mb is not None:
+            rss_mb = psutil.Process().memory_info().rss / 2**20
+            if rss_mb > self.max_memory_mb:
+                self.log.info("worker.recycling", rss_mb=round(rss_mb), limit=self.max_memory_mb)
+                return EXIT_RECYCLED_MEMORY
+        return None
 
     def close(self) -> None:
         if self._runner is not None:

@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.helpers import wait_until
-from workers.store import NewTask, Store, supervisors, task_workers, tasks
+from workers.store import SCHEMA_VERSION, NewTask, Store, supervisors, task_workers, tasks
 
 TASK_MODULE = """
 from workers import task
@@ -106,7 +106,7 @@ def fingerprint(url: str) -> list[list[tuple[Any, ...]]]:
 
 def test_init_db_creates_a_private_file_and_is_idempotent(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'new.db'}"
-    assert "schema version 1" in ok("--db", db, "init-db")
+    assert f"schema version {SCHEMA_VERSION}" in ok("--db", db, "init-db")
     assert stat.S_IMODE((tmp_path / "new.db").stat().st_mode) == 0o600
     ok("--db", db, "init-db")
     assert "no tasks" in ok("--db", db, "tasks")

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import Connection, func, select, update
 
+import workers.store as store_tables
 from workers.store import (
     PENDING,
     SCHEMA_VERSION,
@@ -99,12 +100,29 @@ def version_rows(store: Store) -> list[int]:
 # -- creation and version ------------------------------------------------------------
 
 
-def test_init_schema_twice_is_harmless_and_reports_version_1(store: Store) -> None:
-    assert SCHEMA_VERSION == 1
-    assert store.init_schema() == 1
-    assert store.init_schema() == 1
-    assert version_rows(store) == [1]
+def test_init_schema_twice_is_harmless_and_reports_the_version(store: Store) -> None:
+    assert SCHEMA_VERSION == 2
+    assert store.init_schema() == 2
+    assert store.init_schema() == 2
+    assert version_rows(store) == [2]
     store.check_schema()
+
+
+def test_init_schema_upgrades_a_version_1_schema(store: Store) -> None:
+    worker = store.register_worker(store.register_supervisor("n", 1, 0.0, 1, "0"), "n", [])
+    with store.engine.begin() as conn:  # what a version 1 database looked like
+        conn.exec_driver_sql("ALTER TABLE task_workers DROP COLUMN rss_mb")
+        conn.execute(update(schema_version).values(version=1))
+    with pytest.raises(BadDatabase, match="run `taskherd init-db` to upgrade"):
+        store.check_schema()
+
+    assert store.init_schema() == SCHEMA_VERSION
+    store.check_schema()
+    assert "rss_mb" in table_columns(store, "task_workers")
+    assert version_rows(store) == [SCHEMA_VERSION]
+    with store.engine.connect() as conn:
+        ids = conn.execute(select(store_tables.task_workers.c.id)).scalars().all()
+    assert ids == [worker]  # rows survive the upgrade
 
 
 def test_init_schema_keeps_existing_rows(store: Store) -> None:

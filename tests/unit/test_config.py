@@ -96,6 +96,8 @@ def test_environment_twins_follow_the_documented_names() -> None:
         "TASKHERD_WORKER_TIMEOUT",
         "TASKHERD_GRACEFUL_TIMEOUT",
         "TASKHERD_CANCEL_GRACE",
+        "TASKHERD_MAX_TASKS_PER_WORKER",
+        "TASKHERD_MAX_MEMORY_PER_WORKER",
     }
 
 
