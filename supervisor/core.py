@@ -41,6 +41,7 @@ HEARTBEAT_TIMEOUT = 30.0  # seconds of silence (database clock) before any node 
 WORKER_TIMEOUT = 30.0  # seconds without a liveness proof before a worker is killed as hung
 GRACEFUL_TIMEOUT = 30.0  # seconds running tasks get to finish on SIGTERM
 CANCEL_GRACE = 10.0  # seconds a cancelled running task gets to stop before its worker is killed
+STACK_WAIT = 0.3  # seconds a hung worker gets to write its stacks before the SIGKILL
 CANCEL_CHECK_INTERVAL = 0.5  # seconds between two looks for cancel requests (busy workers only)
 POLL_INTERVAL = 1.0  # seconds between a worker's looks at an empty queue
 MAX_TICK = 1.0  # seconds: the longest the loop sleeps when nothing wakes it
@@ -59,6 +60,7 @@ class _Retirement:
     exit_reason: str
     stats: WorkerStats
     release: bool  # put its task back without counting the attempt (shutdown kill)
+    diagnosis: str | None = None  # the stacks read before a hung or timed-out worker's kill
 
 
 class Supervisor:
@@ -288,6 +290,7 @@ class Supervisor:
                     reason,
                     handle.stats(),
                     release=handle.release_tasks,
+                    diagnosis=handle.diagnosis,
                 )
             )
             if not self._stopping:
@@ -335,6 +338,8 @@ class Supervisor:
 
     def _retire(self, store: Store, retirement: _Retirement) -> list[Rescued]:
         error = f"worker {retirement.worker_id} (pid {retirement.pid}) {retirement.exit_reason}"
+        if retirement.diagnosis:
+            error = f"{error}\n{retirement.diagnosis}"
         return store.retire_worker(
             retirement.worker_id,
             exit_code=retirement.exit_code,
@@ -349,8 +354,11 @@ class Supervisor:
         ran past its timeout."""
         now = time.monotonic()
         for handle in self.workers.values():
+            handle.finish_diagnosis(now)
+            if handle.kill_reason is not None or handle.pending_kill is not None:
+                continue
             timeout = handle.overdue(now)
-            if timeout is not None and handle.kill_reason is None:
+            if timeout is not None:
                 task_id = handle.shared.current_task
                 self.log.error(
                     "task.timed_out",
@@ -359,10 +367,11 @@ class Supervisor:
                     pid=handle.pid,
                     timeout=timeout,
                 )
-                handle.kill(f"timed out after {timeout:g} s (task {task_id})")
+                reason = f"timed out after {timeout:g} s (task {task_id})"
+                handle.kill_with_diagnosis(reason, now, STACK_WAIT)
                 continue
             age = handle.liveness_age(now)
-            if age > self.worker_timeout and handle.kill_reason is None:
+            if age > self.worker_timeout:
                 self.log.error(
                     "worker.hung",
                     worker_id=handle.worker_id,
@@ -370,7 +379,8 @@ class Supervisor:
                     silent_for=round(age, 1),
                 )
                 limit = f"worker timeout {self.worker_timeout:g} s"
-                handle.kill(f"killed: unresponsive for {age:.0f} s ({limit})")
+                reason = f"killed: unresponsive for {age:.0f} s ({limit})"
+                handle.kill_with_diagnosis(reason, now, STACK_WAIT)
 
     def forward_cancellations(self) -> None:
         """Tell busy workers their task was cancelled; kill those still at it after the grace."""
@@ -494,6 +504,7 @@ class Supervisor:
             due.append(self._next_spawn)
         # task deadlines share CLOCK_MONOTONIC with us: wake when the first one passes
         due.extend(d for h in self.workers.values() if (d := float(h.shared.task_deadline)))
+        due.extend(h.stack_deadline for h in self.workers.values() if h.pending_kill)
         timeout = max(0.0, min(MAX_TICK, *(moment - now for moment in due)))
         waitables: list[Any] = [handle.sentinel for handle in self.workers.values()]
         waitables.append(self._inbox)

@@ -19,9 +19,12 @@ from workers.worker import (
     EXIT_ORPHANED,
     EXIT_RECYCLED_MEMORY,
     EXIT_RECYCLED_TASKS,
+    STACK_SIGNAL,
     WorkerArgs,
     map_shared_state,
 )
+
+MAX_STACK_BYTES = 64 * 1024
 
 # Clean ends: the worker stopped when asked, or recycled itself; nothing failed.
 CLEAN_EXITS = (EXIT_OK, EXIT_RECYCLED_TASKS, EXIT_RECYCLED_MEMORY)
@@ -36,14 +39,18 @@ class WorkerHandle:
         self.kill_reason: str | None = None  # set when the supervisor itself kills the worker
         self.release_tasks = False  # killed for our reasons (shutdown), not its task's
         self.cancel_deadline: float | None = None  # when a cancelled task's grace runs out
+        self.pending_kill: str | None = None  # a kill waiting for the stack it asked for
+        self.stack_deadline = 0.0
+        self.diagnosis: str | None = None  # the stack (or why there is none) at the kill
         fd = os.memfd_create(f"taskherd-worker-{worker_id}")
+        self._stack_fd = os.memfd_create(f"taskherd-stack-{worker_id}")
         try:
             self._memory, self.shared = map_shared_state(fd)
-            args = dataclasses.replace(args, shared_fd=fd)
+            args = dataclasses.replace(args, shared_fd=fd, stack_fd=self._stack_fd)
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "workers"],
                 stdin=subprocess.PIPE,
-                pass_fds=(fd,),
+                pass_fds=(fd, self._stack_fd),
                 text=True,
                 process_group=0,  # a terminal's Ctrl-C reaches the supervisor only
             )
@@ -63,6 +70,7 @@ class WorkerHandle:
     def close(self) -> None:
         """Release the sentinel and the shared memory of an exited worker."""
         os.close(self.sentinel)
+        os.close(self._stack_fd)
         del self.shared
         self._memory.close()
 
@@ -94,6 +102,24 @@ class WorkerHandle:
             return round(float(psutil.Process(self.pid).memory_info().rss) / 2**20, 1)
         except psutil.Error:
             return None
+
+    def kill_with_diagnosis(self, reason: str, now: float, wait: float) -> None:
+        """Ask for every thread's stack, then kill (from `finish_diagnosis`) after `wait`."""
+        if self.pending_kill is None and self.kill_reason is None:
+            self.pending_kill, self.stack_deadline = reason, now + wait
+            send_signal(self.pid, STACK_SIGNAL)
+
+    def finish_diagnosis(self, now: float) -> None:
+        """Past the wait, read what the worker wrote and SIGKILL it."""
+        if self.pending_kill is None or now < self.stack_deadline:
+            return
+        stack = os.pread(self._stack_fd, MAX_STACK_BYTES, 0).decode("utf-8", "replace").strip()
+        self.diagnosis = (
+            f"stack of every thread at the kill:\n{stack}"
+            if stack
+            else "no stack: the process did not answer (stopped, e.g. SIGSTOP, or frozen)"
+        )
+        self.kill(self.pending_kill)
 
     def kill(self, reason: str, *, release: bool = False) -> None:
         """SIGKILL, remembering why: a hung or stopped process cannot act on SIGTERM."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import faulthandler
 import json
 import mmap
 import os
@@ -36,6 +37,8 @@ POLL_INTERVAL = 1.0  # seconds between two looks at an empty queue
 LIVENESS_INTERVAL = 0.25  # seconds between two stamps of the liveness proof
 
 # Exit codes the supervisor tells apart (see supervisor.process.classify_exit).
+STACK_SIGNAL = signal.SIGUSR1  # dump every thread's Python stack to WorkerArgs.stack_fd
+
 EXIT_OK = 0
 EXIT_BOOT_FAILURE = 3  # cannot boot: a task module that fails to import, an unusable database
 EXIT_ORPHANED = 4  # the supervisor died; the worker left rather than run unwatched
@@ -83,6 +86,7 @@ class WorkerArgs:
     max_tasks: int | None = None
     max_memory_mb: float | None = None
     shared_fd: int = -1
+    stack_fd: int = -1  # where faulthandler writes every thread's stack on SIGUSR1
     sys_path: tuple[str, ...] = ()
 
     def to_json(self) -> str:
@@ -110,6 +114,8 @@ def main(args: WorkerArgs, shared: SharedState) -> None:
     shutdown = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     signal.signal(signal.SIGTERM, lambda _signum, _frame: shutdown.set())
+    if args.stack_fd >= 0:  # the supervisor asks for a diagnosis before it kills a hung worker
+        faulthandler.register(STACK_SIGNAL, file=args.stack_fd, all_threads=True)
     configure_logging(args.log_format, args.log_level)
     log = structlog.get_logger().bind(worker_id=args.worker_id, pid=os.getpid(), node=args.node)
     shared.beat = time.monotonic()

@@ -50,6 +50,9 @@ def test_task_past_its_timeout_is_killed_and_retried_by_policy(start_pool: Start
     history = json.loads(row["error_history"])
     assert len(history) == retries + 1
     assert all("timed out after 1 s" in entry["error"] for entry in history)
+    # the operator sees where it was: every thread's stack, the handler's frame among them
+    assert all("stack of every thread" in entry["error"] for entry in history)
+    assert all('sample_tasks.py", line' in entry["error"] for entry in history), history[0]
     assert elapsed >= (retries + 1) * 1.0  # each attempt ran its full second
     timed_out = [e for e in pool.events() if e.get("event") == "task.timed_out"]
     assert [e["task_id"] for e in timed_out] == [task_id] * (retries + 1)

@@ -84,7 +84,9 @@ def test_stopped_worker_is_killed_and_replaced(start_pool: StartPool) -> None:
             sa.select(task_workers.c.exit_reason).where(task_workers.c.id == victim)
         ).scalar_one()
     assert "unresponsive" in reason
-    assert "unresponsive" in json.loads(pool.task(task_id)["error_history"])[0]["error"]
+    error = json.loads(pool.task(task_id)["error_history"])[0]["error"]
+    assert "unresponsive" in error
+    assert "no stack: the process did not answer" in error  # a stopped process cannot
 
 
 def test_supervisor_sigkill_leaves_no_orphans(start_pool: StartPool) -> None:
