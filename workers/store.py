@@ -319,8 +319,10 @@ def _install_sqlite_settings(engine: Engine, synchronous: str) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        deferred = connection.get_execution_options().get("taskherd_read_only", False)
-        connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
+        # Only the store's writes take the write lock up front; any other transaction is
+        # deferred, so a read never queues behind a writer (WAL lets it read past one).
+        immediate = connection.get_execution_options().get("taskherd_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 class Store:
@@ -367,16 +369,16 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         """A write transaction (BEGIN IMMEDIATE on SQLite)."""
-        with self.engine.begin() as conn:
-            yield conn
+        with self.engine.connect() as conn:
+            conn.execution_options(taskherd_write=True)
+            with conn.begin():
+                yield conn
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         """A read-only transaction (a deferred BEGIN on SQLite: it never waits for writers)."""
-        with self.engine.connect() as conn:
-            conn.execution_options(taskherd_read_only=True)
-            with conn.begin():
-                yield conn
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
 
     def _now(self, delay: float = 0.0) -> ColumnElement[datetime]:
         """Now plus delay seconds, by the database clock (SQLite shares the host's)."""

@@ -52,12 +52,14 @@ def run_chaos(pool: Pool, log: Path, freeze: bool) -> dict[str, int]:
     kills = stops = 0
     frozen: list[int] = []
     deadline = time.monotonic() + DEADLINE
-    while status_counts(pool)["completed"] < TASKS:
-        assert time.monotonic() < deadline, f"not done in {DEADLINE} s: {status_counts(pool)}"
+    while True:
         for pid in frozen:  # a freeze lasts one beat, well under the worker timeout
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         frozen.clear()
+        if status_counts(pool)["completed"] == TASKS:
+            break
+        assert time.monotonic() < deadline, f"not done in {DEADLINE} s: {status_counts(pool)}"
         victims = busy_worker_pids(pool)
         if victims:
             victim = rng.choice(victims)
@@ -70,9 +72,6 @@ def run_chaos(pool: Pool, log: Path, freeze: bool) -> dict[str, int]:
                     os.kill(victim, signal.SIGKILL)
                     kills += 1
         time.sleep(EVERY)  # the chaos clock, not a synchronisation
-    for pid in frozen:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
 
     executions = Counter(int(line) for line in log.read_text().split())
     counts = status_counts(pool)
