@@ -412,6 +412,9 @@ class Supervisor:
         now = time.monotonic()
         if now < self._next_heartbeat:
             return
+        for handle in self.workers.values():
+            if not handle.pid_recorded:
+                self.record_pid(handle)
         live = {
             worker_id: handle.stats(with_memory=True)
             for worker_id, handle in self.workers.items()
@@ -485,14 +488,18 @@ class Supervisor:
         )
         handle = WorkerHandle(worker_id, args)
         self.workers[worker_id] = handle
-        self._db(
-            lambda store: store.set_worker_pid(
-                worker_id, handle.pid, process_start_time(handle.pid)
-            ),
+        self.log.info("worker.spawned", worker_id=worker_id, pid=handle.pid)
+        self.record_pid(handle)
+        return True
+
+    def record_pid(self, handle: WorkerHandle) -> None:
+        """Write the worker's pid and start time to its row (what a successor checks)."""
+        started = process_start_time(handle.pid)
+        recorded = self._db(
+            lambda store: store.set_worker_pid(handle.worker_id, handle.pid, started),
             "record worker pid",
         )
-        self.log.info("worker.spawned", worker_id=worker_id, pid=handle.pid)
-        return True
+        handle.pid_recorded = recorded is not None
 
     def wait(self) -> None:
         """Sleep until a worker exits, a signal arrives, or the next timed step is due."""
@@ -572,7 +579,8 @@ class Supervisor:
         return self.store
 
     def _db(self, operation: Any, what: str) -> Any:
-        """Run one store operation; on a transient error log the outage once and return None."""
+        """Run one store operation and return its result; on a transient error log the outage
+        once and return None (operations whose success matters return something else)."""
         try:
             result = operation(self._store)
         except TRANSIENT_ERRORS as error:
@@ -589,4 +597,4 @@ class Supervisor:
             )
             self._db_down_since = None
             self._db_up_since = time.monotonic()
-        return result if result is not None else True
+        return result

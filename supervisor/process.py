@@ -42,6 +42,7 @@ class WorkerHandle:
         self.pending_kill: str | None = None  # a kill waiting for the stack it asked for
         self.stack_deadline = 0.0
         self.diagnosis: str | None = None  # the stack (or why there is none) at the kill
+        self.pid_recorded = False  # its row has its pid (retried while the database is down)
         fd = os.memfd_create(f"taskherd-worker-{worker_id}")
         self._stack_fd = os.memfd_create(f"taskherd-stack-{worker_id}")
         try:

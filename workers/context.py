@@ -73,10 +73,6 @@ class TaskContext:
         if self.cancel_requested:
             raise Cancelled(f"task {self.task_id} was cancelled")
 
-    def request_cancel(self) -> None:
-        """Mark the task cancelled from the worker's side (the cancel watcher calls this)."""
-        self._cancel_requested = True
-
     def progress(
         self,
         percentage: float,

@@ -643,12 +643,15 @@ class Store:
         *,
         retry_delay: float,
         permanent: bool = False,
+        cancelled: bool = False,
         duration: float | None = None,
         progress: Progress | None = None,
     ) -> str:
-        """running -> pending (attempts left) or failed; return the new status."""
-        retry = not permanent and claim.attempts < claim.max_attempts
-        status = case((tasks.c.cancel_requested, CANCELLED), else_=PENDING if retry else FAILED)
+        """running -> pending (attempts left), failed, or cancelled (asked for, or the handler
+        raised Cancelled); return the new status."""
+        retry = not (permanent or cancelled) and claim.attempts < claim.max_attempts
+        outcome = CANCELLED if cancelled else PENDING if retry else FAILED
+        status = case((tasks.c.cancel_requested, CANCELLED), else_=outcome)
         values: dict[str, Any] = {
             "status": status,
             "last_error": _history_limit(error),
@@ -733,14 +736,6 @@ class Store:
                 update(supervisors).where(supervisors.c.id == supervisor_id).values(**values)
             )
 
-    def set_desired_workers(self, supervisor_id: int, desired: int) -> None:
-        with self._write() as conn:
-            conn.execute(
-                update(supervisors)
-                .where(supervisors.c.id == supervisor_id)
-                .values(desired_workers=desired)
-            )
-
     def register_worker(self, supervisor_id: int, node: str, queues: Sequence[str]) -> int:
         """A row for a worker about to be started; its pid follows with set_worker_pid."""
         now = self._now()
@@ -761,13 +756,15 @@ class Store:
         with self._write() as conn:
             return int(conn.execute(statement).scalar_one())
 
-    def set_worker_pid(self, worker_id: int, pid: int, pid_start_time: float | None) -> None:
+    def set_worker_pid(self, worker_id: int, pid: int, pid_start_time: float | None) -> bool:
+        """Record the process of a registered worker; True once written."""
         with self._write() as conn:
             conn.execute(
                 update(task_workers)
                 .where(task_workers.c.id == worker_id)
                 .values(worker_pid=pid, pid_start_time=pid_start_time)
             )
+        return True
 
     def record_heartbeats(self, supervisor_id: int, workers: Mapping[int, WorkerStats]) -> set[int]:
         """Stamp the supervisor and all its live workers: one statement per table.

@@ -274,7 +274,7 @@ class Worker:
             )
             return
         except Cancelled as exc:
-            self._fail(claim, log, f"cancelled: {exc}", permanent=True, started=started, ctx=ctx)
+            self._fail(claim, log, f"cancelled: {exc}", cancelled=True, started=started, ctx=ctx)
             return
         except Exception as exc:
             self._fail(claim, log, _describe(exc), started=started, ctx=ctx, spec=spec)
@@ -302,6 +302,7 @@ class Worker:
         *,
         started: float,
         permanent: bool = False,
+        cancelled: bool = False,
         ctx: TaskContext | None = None,
         spec: registry.TaskSpec | None = None,
     ) -> None:
@@ -315,6 +316,7 @@ class Worker:
                 error,
                 retry_delay=delay,
                 permanent=permanent,
+                cancelled=cancelled,
                 duration=duration,
                 progress=progress,
             ),

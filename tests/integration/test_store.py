@@ -446,6 +446,19 @@ def test_failure_of_a_task_with_cancel_requested_ends_cancelled(
         assert store.claim_tasks(new_worker(), []) == []
 
 
+def test_handler_that_cancels_itself_ends_cancelled_with_attempts_left(
+    store: Store, new_worker: Callable[..., int]
+) -> None:
+    task_id = add_one(store, max_attempts=4)
+    claim = claim_one(store, new_worker())
+    status = store.fail_task(claim, "cancelled: by the handler", retry_delay=30.0, cancelled=True)
+    assert status == CANCELLED
+    row = store.get_task(task_id)
+    assert (row["status"], row["attempts"]) == (CANCELLED, 1)  # no retry
+    assert row["completed_at"] is not None
+    assert store.claim_tasks(new_worker(), []) == []
+
+
 def test_very_long_error_is_truncated(store: Store, new_worker: Callable[..., int]) -> None:
     task_id = add_one(store)
     claim = claim_one(store, new_worker())
