@@ -1,4 +1,5 @@
--- taskherd schema, version 2 (v2 added task_workers.rss_mb).
+-- taskherd schema, version 3 (v2 added task_workers.rss_mb; v3 the supervisors' crash
+-- streak and heartbeat timeout, and the health views).
 --
 -- `taskherd init-db` applies this file; it is idempotent. The same file runs on
 -- SQLite and PostgreSQL: a line that ends in `-- sqlite` or `-- postgresql` is
@@ -107,10 +108,98 @@ CREATE TABLE IF NOT EXISTS supervisors (
     desired_workers INTEGER NOT NULL,
     status TEXT NOT NULL DEFAULT 'running'
         CHECK (status IN ('running', 'stopping', 'stopped', 'dead')),
-    version TEXT NOT NULL
+    version TEXT NOT NULL,
+    heartbeat_timeout DOUBLE PRECISION, -- seconds of silence before its workers count as lost
+    crash_streak INTEGER NOT NULL DEFAULT 0, -- workers that died at start in a row (>= 2: a loop)
+    crash_reason TEXT -- why the last of them died
 );
 
 CREATE INDEX IF NOT EXISTS supervisors_running
     ON supervisors (hostname) WHERE status IN ('running', 'stopping');
 
-INSERT INTO schema_version (version) SELECT 2 WHERE NOT EXISTS (SELECT 1 FROM schema_version);
+-- Health, as plain SQL for operators (`SELECT * FROM worker_health` in sqlite3 or psql);
+-- `taskherd health` reads the same views. Ages are seconds by the database clock. A worker
+-- or supervisor is stale when its heartbeat is older than its supervisor's heartbeat
+-- timeout (30 s when unknown): its tasks are about to be rescued by another node.
+DROP VIEW IF EXISTS supervisor_health;
+DROP VIEW IF EXISTS worker_health;
+DROP VIEW IF EXISTS queue_health;
+
+-- One row per active worker.
+CREATE VIEW worker_health AS
+SELECT
+    w.id AS worker_id,
+    w.hostname AS node,
+    w.supervisor_id,
+    w.worker_pid AS pid,
+    w.heartbeat_age_s,
+    w.current_task_id,
+    CASE
+        WHEN w.heartbeat_age_s > COALESCE(s.heartbeat_timeout, 30) THEN 'stale'
+        WHEN w.current_task_id IS NOT NULL THEN 'busy'
+        ELSE 'idle'
+    END AS state,
+    w.rss_mb,
+    w.processed_tasks_count AS processed,
+    w.failed_tasks_count AS failed
+FROM (
+    SELECT task_workers.*,
+        (julianday('now') - julianday(last_heartbeat)) * 86400.0 -- sqlite
+        CAST(EXTRACT(EPOCH FROM now() - last_heartbeat) AS DOUBLE PRECISION) -- postgresql
+            AS heartbeat_age_s
+    FROM task_workers
+    WHERE is_active
+) AS w
+LEFT JOIN supervisors AS s ON s.id = w.supervisor_id;
+
+-- One row per running or stopping supervisor, with its live workers counted.
+CREATE VIEW supervisor_health AS
+SELECT
+    s.id AS supervisor_id,
+    s.hostname AS node,
+    s.pid,
+    s.status,
+    s.heartbeat_age_s,
+    CASE WHEN s.heartbeat_age_s > COALESCE(s.heartbeat_timeout, 30) THEN 'stale' ELSE 'live' END
+        AS state,
+    s.desired_workers,
+    (SELECT COUNT(*) FROM worker_health AS w
+        WHERE w.supervisor_id = s.id AND w.state <> 'stale') AS live_workers,
+    s.crash_streak,
+    s.crash_reason,
+    s.version
+FROM (
+    SELECT supervisors.*,
+        (julianday('now') - julianday(last_heartbeat)) * 86400.0 -- sqlite
+        CAST(EXTRACT(EPOCH FROM now() - last_heartbeat) AS DOUBLE PRECISION) -- postgresql
+            AS heartbeat_age_s
+    FROM supervisors
+    WHERE status IN ('running', 'stopping')
+) AS s;
+
+-- One row per queue with unfinished tasks or recent failures.
+CREATE VIEW queue_health AS
+SELECT
+    queue,
+    SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END) AS pending,
+    SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END) AS running,
+    MAX(CASE WHEN status = 'pending' AND runnable_for_s >= 0 THEN runnable_for_s END)
+        AS oldest_pending_age_s,
+    SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) AS failed_last_hour
+FROM (
+    SELECT queue, status,
+        (julianday('now') - julianday(run_at)) * 86400.0 -- sqlite
+        CAST(EXTRACT(EPOCH FROM now() - run_at) AS DOUBLE PRECISION) -- postgresql
+            AS runnable_for_s
+    FROM tasks
+    WHERE status IN ('pending', 'running')
+    UNION ALL
+    SELECT queue, status, NULL
+    FROM tasks
+    WHERE status = 'failed'
+        AND completed_at > datetime('now', '-1 hour') -- sqlite
+        AND completed_at > now() - INTERVAL '1 hour' -- postgresql
+) AS t
+GROUP BY queue;
+
+INSERT INTO schema_version (version) SELECT 3 WHERE NOT EXISTS (SELECT 1 FROM schema_version);

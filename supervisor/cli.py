@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -21,24 +20,44 @@ from typing import Any, NoReturn
 
 import sqlalchemy as sa
 
-from supervisor.config import OPTIONS, Config, ConfigError, Option, mask_loosely, resolve
+from supervisor import health
+from supervisor.config import (
+    OPTIONS,
+    Config,
+    ConfigError,
+    Option,
+    mask_loosely,
+    parse_duration,
+    resolve,
+)
 from supervisor.embed import build_supervisor
+from supervisor.text import age, span, table_lines
 from workers.logs import configure_logging
 from workers.registry import TaskModuleError
 from workers.store import (
     FINISHED,
     STATUSES,
+    TRANSIENT_ERRORS,
     BadDatabase,
     Store,
     UnknownTask,
     WrongState,
     mask_url,
 )
-from workers.taskqueue import InvalidTask, TaskQueue
+from workers.taskqueue import (
+    MAX_PRIORITY,
+    MAX_RETRIES,
+    MAX_SECONDS,
+    MIN_PRIORITY,
+    InvalidTask,
+    TaskQueue,
+)
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 ERROR_COLUMN_WIDTH = 60
+MAX_ID = 2**63 - 1  # a BIGINT
+MAX_LIMIT = 10_000_000
+MAX_WATCH_INTERVAL = 3600.0
 
 
 class UsageError(Exception):
@@ -54,6 +73,9 @@ BAD_INPUT: tuple[type[Exception], ...] = (
     InvalidTask,
     TaskModuleError,
 )
+
+# What keeps `health` from reading its facts: it then reports UNKNOWN.
+UNREADABLE: tuple[type[Exception], ...] = (BadDatabase, *TRANSIENT_ERRORS)
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -166,18 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", metavar="FILE", help="one JSON payload per line ('-' for stdin): one id per line"
     )
     enqueue.add_argument("-q", "--queue", help="the queue (default: 'default')")
-    enqueue.add_argument("--priority", type=_integer, default=0, help="higher runs first")
+    enqueue.add_argument("--priority", type=_priority, default=0, help="higher runs first")
     enqueue.add_argument(
-        "--max-retries", type=_count, metavar="N", help="retries after the first try"
+        "--max-retries", type=_retries, metavar="N", help="retries after the first try"
     )
     enqueue.add_argument("--delay", type=_seconds(0.0, "0 or more"), default=0.0, metavar="S")
     enqueue.add_argument("--timeout", type=_seconds(0.0, "more than 0"), metavar="S")
     enqueue.add_argument(
         "--unique-key", metavar="K", help="no second unfinished task with this key"
     )
+    _add_options(enqueue, "enqueue")
 
     status = command("status", cmd_status, "supervisors, workers and queue depths")
-    status.add_argument("--json", action="store_true")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true")
+    shown.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
+    status.add_argument(
+        "--interval",
+        type=_seconds(0.0, "more than 0", MAX_WATCH_INTERVAL),
+        default=2.0,
+        metavar="S",
+        help="seconds between two frames of --watch (default 2)",
+    )
 
     tasks = command("tasks", cmd_tasks, "list tasks, newest first")
     tasks.add_argument("--status", type=_status(STATUSES), metavar="S")
@@ -205,7 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"repeatable (default: {', '.join(FINISHED)})",
     )
 
+    health = command(
+        "health", cmd_health, "judge the pool: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN"
+    )
+    health.add_argument("--json", action="store_true")
+    _add_options(health, "health")
+
+    configuration = command(
+        "config", cmd_config, "print the effective configuration and where each value came from"
+    )
+    configuration.add_argument("--json", action="store_true")
+
     command("demo", cmd_demo, "a self-contained tour on a temporary SQLite file")
+    _add_bench(command("bench", cmd_bench, "measure taskherd against the database's own limit"))
     return parser
 
 
@@ -241,28 +285,32 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
 
 
-def _count(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    """A whole number from low to high (what the columns hold and what is sane)."""
+
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, not {value}")
+        return value
+
+    return parse
 
 
-def _limit(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+_priority = _whole(MIN_PRIORITY, MAX_PRIORITY)
+_retries = _whole(0, MAX_RETRIES)
+_limit = _whole(1, MAX_LIMIT)
 
 
 def _task_id(text: str) -> int:
     value = _integer(text)
-    if value < 1:
+    if not 1 <= value <= MAX_ID:
         raise argparse.ArgumentTypeError(f"a task id is a positive number, not {value}")
     return value
 
 
-def _seconds(low: float, wording: str) -> Callable[[str], float]:
+def _seconds(low: float, wording: str, high: float = MAX_SECONDS) -> Callable[[str], float]:
+    """A number of seconds: above low ('more than') or from low ('0 or more'), up to high."""
     strict = wording.startswith("more")
 
     def parse(text: str) -> float:
@@ -272,6 +320,8 @@ def _seconds(low: float, wording: str) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"must be {wording} seconds, not {text}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g} seconds, not {text}")
         return value
 
     return parse
@@ -288,12 +338,10 @@ def _status(allowed: Sequence[str]) -> Callable[[str], str]:
 
 def _duration(text: str) -> float:
     """90s, 30m, 12h, 7d (a bare number is seconds) -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"must be a duration like 90s, 30m, 12h or 7d, not {text!r}"
-        )
-    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+    try:
+        return parse_duration(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # -- commands --------------------------------------------------------------------------
@@ -324,7 +372,10 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     configure_logging(config.log_format, config.log_level)
     if os.getcwd() not in sys.path:  # `-i myapp.tasks` from the project's directory
         sys.path.insert(0, os.getcwd())
-    build_supervisor(config).run()
+    supervisor = build_supervisor(config)
+    # SIGHUP: the same flags, the environment and the config file read again
+    supervisor.reloader = lambda: resolve(_flags(args), os.environ, args.config).supervisor_kwargs()
+    supervisor.run()
     return EXIT_OK
 
 
@@ -341,7 +392,9 @@ def cmd_enqueue(args: argparse.Namespace, config: Config) -> int:
     if args.batch is None:
         payload = _payload(args)
     with _opened(config) as store:
-        queue = TaskQueue(config.database_url, store=store)
+        queue = TaskQueue(
+            config.database_url, store=store, max_payload_bytes=config.max_payload_bytes
+        )
         if args.batch is None:
             print(queue.enqueue(args.task_type, payload, unique_key=args.unique_key, **options))
             return EXIT_OK
@@ -383,6 +436,8 @@ def _json(text: str, what: str) -> Any:
         return json.loads(text, parse_constant=reject)
     except ValueError as error:
         raise InvalidTask(f"{what} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidTask(f"{what} is nested too deeply") from None
 
 
 def _read_text(path: str) -> str:
@@ -395,6 +450,12 @@ def _read_text(path: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    if args.watch:
+        from supervisor.watch import watch
+
+        with _opened(config) as store:
+            watch(store, args.interval)
+        return EXIT_OK
     with _opened(config) as store:
         snapshot = store.snapshot()
     if args.json:
@@ -409,10 +470,17 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
             ["SUPERVISOR", "NODE", "PID", "STATUS", "WORKERS", "HEARTBEAT", "STARTED", "VERSION"],
             [
                 [s["id"], s["hostname"], s["pid"], s["status"], s["desired_workers"],
-                 _age(s["last_heartbeat"], now), _age(s["started_at"], now), s["version"]]
+                 age(s["last_heartbeat"], now), age(s["started_at"], now), s["version"]]
                 for s in sups
             ],
         )  # fmt: skip
+        for sup in sups:
+            if sup["crash_streak"] >= 2:
+                reason = (sup["crash_reason"] or "unknown").splitlines()[0]
+                print(
+                    f"CRASH LOOP on {sup['hostname']} (supervisor {sup['id']}): "
+                    f"{sup['crash_streak']} workers in a row died at start: {reason}"
+                )
     else:
         print("no supervisor is running")
     print()
@@ -424,7 +492,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
             [
                 [w["id"], w["supervisor_id"], w["hostname"], w["worker_pid"], w["current_task_id"],
                  w["processed_tasks_count"], w["failed_tasks_count"],
-                 _age(w["last_heartbeat"], now), w["queues"]]
+                 age(w["last_heartbeat"], now), w["queues"]]
                 for w in workers
             ],
         )  # fmt: skip
@@ -445,6 +513,82 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_health(args: argparse.Namespace, config: Config) -> int:
+    """Exit with the worst check's level; UNKNOWN (3) when the facts cannot be read."""
+    try:
+        with _opened(config) as store:
+            facts = store.health(config.failure_window)
+    except UNREADABLE as error:
+        lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+        checks = [health.Check("database", health.Level.UNKNOWN, lines[0] if lines else "")]
+    else:
+        checks = health.judge(facts, config)
+    level = health.verdict(checks)
+    database = mask_url(config.database_url)
+    if args.json:
+        _print_json(
+            {
+                "status": level.name.lower(),
+                "exit_code": int(level),
+                "database": database,
+                "checks": [check.as_json() for check in checks],
+            }
+        )
+        return int(level)
+    problems = [check for check in checks if check.level != health.Level.OK]
+    summary = "; ".join(f"{c.name}: {c.message}" for c in problems) or "all checks passed"
+    print(f"{level.name}: {summary}")
+    for check in checks:
+        print(f"  {check.level.name:<8}  {check.name:<11}  {check.message}")
+    print(f"  database: {database}")
+    return int(level)
+
+
+def cmd_config(args: argparse.Namespace, config: Config) -> int:
+    """Every setting, its effective value (passwords masked) and the source that set it."""
+    rows: list[dict[str, Any]] = []
+    for option in OPTIONS:
+        value = getattr(config, option.name)
+        if option.name == "database_url":
+            value = mask_url(value)
+        rows.append(
+            {
+                "name": option.name,
+                "value": list(value) if isinstance(value, tuple) else value,
+                "source": _source(config.sources.get(option.name, "")),
+                "env": option.env,
+            }
+        )
+    if args.json:
+        _print_json({"config_file": config.config_file, "settings": rows})
+        return EXIT_OK
+    print(f"config file: {config.config_file or 'none'}")
+    _print_table(
+        ["SETTING", "VALUE", "FROM"],
+        [[row["name"], _setting(row["name"], row["value"]), row["source"]] for row in rows],
+    )
+    return EXIT_OK
+
+
+def _source(where: str) -> str:
+    """'flag --db', 'env TASKHERD_WORKERS', 'file app.toml' or 'default', from resolve()'s note."""
+    if where.startswith("-"):
+        return f"flag {where}"
+    if where.startswith("TASKHERD_"):
+        return f"env {where}"
+    if " in " in where:
+        return f"file {where.partition(' in ')[2]}"
+    return "default"
+
+
+def _setting(name: str, value: Any) -> str:
+    if value is None or value == []:
+        return "(every queue)" if name == "queues" else "-"
+    if isinstance(value, list):
+        return ",".join(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def cmd_tasks(args: argparse.Namespace, config: Config) -> int:
     with _opened(config) as store:
         rows = store.list_tasks(status=args.status, queue=args.queue, limit=args.limit)
@@ -460,7 +604,7 @@ def cmd_tasks(args: argparse.Namespace, config: Config) -> int:
         [
             [r["id"], r["queue"], r["task_type"], r["status"], r["priority"],
              f"{r['attempts']}/{r['max_attempts']}", _percent(r["progress_percentage"]),
-             _age(r["created_at"], now), _clip(r["last_error"])]
+             age(r["created_at"], now), _clip(r["last_error"])]
             for r in rows
         ],
     )  # fmt: skip
@@ -565,7 +709,7 @@ def cmd_purge(args: argparse.Namespace, config: Config) -> int:
         f"removed {removed['tasks']} {'/'.join(statuses)} task(s), "
         f"{removed['workers']} stopped worker row(s) and "
         f"{removed['supervisors']} stopped supervisor row(s) "
-        f"older than {_span(args.older_than)}"
+        f"older than {span(args.older_than)}"
     )
     return EXIT_OK
 
@@ -574,6 +718,42 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     from supervisor.demo import run_demo
 
     return int(run_demo(log_format=config.log_format))
+
+
+def _add_bench(bench: argparse.ArgumentParser) -> None:
+    """`bench`'s options; -w is `run`'s setting (flag > TASKHERD_WORKERS > file > CPUs)."""
+    bench.add_argument(
+        "-w", "--workers", metavar="N", help="worker processes (default: one per CPU)"
+    )
+    bench.add_argument(
+        "--tasks", type=_limit, metavar="N", help="no-op tasks to drain (SQLite 20000, PG 5000)"
+    )
+    bench.add_argument(
+        "--idle-seconds",
+        type=_seconds(0.0, "more than 0"),
+        default=30.0,
+        metavar="S",
+        help="how long the idle pool is watched (default 30)",
+    )
+    bench.add_argument(
+        "--pickup-tasks", type=_limit, default=200, metavar="N", help="(default 200)"
+    )
+    bench.add_argument("--rescues", type=_limit, default=3, metavar="N", help="(default 3)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_bench(args: argparse.Namespace, config: Config) -> int:
+    from supervisor.bench import BenchSettings, run_bench
+
+    settings = BenchSettings(
+        database_url=config.database_url,
+        workers=config.workers,
+        tasks=args.tasks,
+        idle_seconds=args.idle_seconds,
+        pickup_tasks=args.pickup_tasks,
+        rescues=args.rescues,
+    )
+    return run_bench(settings, as_json=args.json)
 
 
 # -- output ----------------------------------------------------------------------------
@@ -603,35 +783,13 @@ def _compact(value: Any) -> str:
 
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Plain columns, left-aligned, two spaces apart; None shows as '-'."""
-    cells = [list(headers)] + [["-" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
-
-
-def _span(seconds: float) -> str:
-    """A duration the way a person says it: 45s, 12m, 3h, 2d."""
-    seconds = abs(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}" if seconds >= 2 * size else f"{seconds:.0f}s"
-    return f"{seconds:.0f}s"
-
-
-def _age(moment: datetime | None, now: datetime) -> str | None:
-    if moment is None:
-        return None
-    delta = (now - moment).total_seconds()
-    return f"{_span(delta)} ago" if delta >= 0 else f"in {_span(delta)}"
+    print("\n".join(table_lines(headers, rows)))
 
 
 def _when(moment: datetime | None, now: datetime) -> str | None:
     if moment is None:
         return None
-    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC ({_age(moment, now)})"
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC ({age(moment, now)})"
 
 
 def _percent(value: float | None) -> str | None:

@@ -10,18 +10,29 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from supervisor import core
 from workers.logs import LOG_FORMATS, LOG_LEVELS
+from workers.resilience import RETRY_CAP
 from workers.store import BadDatabase, normalise_url
+from workers.taskqueue import MAX_PAYLOAD_BYTES
 
 DEFAULT_DATABASE_URL = "sqlite:///taskherd.db"
+# Upper bounds: a value past them is a typo, and some would overflow a timer or a column.
+MAX_WORKERS = 1024
+MAX_SECONDS = 7 * 86400.0  # for every interval and timeout of the pool
+MAX_MEGABYTES = 1024 * 1024
+MAX_TASKS_PER_WORKER = 10**9
+MAX_PAYLOAD_LIMIT = 256 * 2**20  # the largest --max-payload-bytes
+MAX_RETENTION = 3650 * 86400.0  # the longest --purge-after: ten years
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 CONFIG_ENV = "TASKHERD_CONFIG"
 
 
@@ -48,7 +59,17 @@ class Config:
     cancel_grace: float = core.CANCEL_GRACE
     max_tasks_per_worker: int | None = None
     max_memory_per_worker: float | None = None
+    purge_after: float | None = None  # seconds; None: the pool never purges
+    wake_up: str = "on"  # "off": idle workers find new tasks by polling only
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    pending_age_warning: float = 300.0
+    pending_age_critical: float = 1800.0
+    failure_rate_warning: float = 0.1
+    failure_rate_critical: float = 0.5
+    failure_window: float = 900.0
     config_file: str | None = None  # where file values came from, if anywhere
+    # option name -> where its value came from (a flag, a variable, the file, the default)
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def validate(self) -> None:
         """Raise ConfigError unless every setting, and every pair that must agree, is usable."""
@@ -56,10 +77,21 @@ class Config:
             problem = option.problem(getattr(self, option.name))
             if problem:
                 raise ConfigError(f"{option.name}: {problem}")
-        if self.heartbeat_timeout <= self.heartbeat_interval:
+        for low, high in (
+            ("pending_age_warning", "pending_age_critical"),
+            ("failure_rate_warning", "failure_rate_critical"),
+        ):
+            if getattr(self, low) > getattr(self, high):
+                raise ConfigError(
+                    f"{low} ({getattr(self, low):g}) must not be more than "
+                    f"{high} ({getattr(self, high):g})"
+                )
+        # a heartbeat can come late by the interval plus one retry back-off after a blip
+        if self.heartbeat_timeout <= self.heartbeat_interval + RETRY_CAP:
             raise ConfigError(
                 f"the heartbeat timeout ({self.heartbeat_timeout:g} s) must be longer than "
-                f"the heartbeat interval ({self.heartbeat_interval:g} s)"
+                f"the heartbeat interval ({self.heartbeat_interval:g} s) plus {RETRY_CAP:g} s "
+                f"of retry back-off"
             )
         try:
             normalise_url(self.database_url)
@@ -87,6 +119,8 @@ class Config:
             "cancel_grace": self.cancel_grace,
             "max_tasks_per_worker": self.max_tasks_per_worker,
             "max_memory_per_worker": self.max_memory_per_worker,
+            "purge_after": self.purge_after,
+            "wake_up": self.wake_up == "on",
             "log_format": self.log_format,
             "log_level": self.log_level,
         }
@@ -122,6 +156,21 @@ def _number_of(unit: str) -> Callable[[str], float]:
 _seconds = _number_of("seconds")
 
 
+def parse_duration(value: str) -> float:
+    """90s, 30m, 12h, 7d (a bare number is seconds) -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+    if match is None:
+        raise ConfigError(f"must be a duration like 90s, 30m, 12h or 7d, not {value!r}")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+def _ratio(value: str) -> float:
+    try:
+        return float(value.strip())
+    except ValueError:
+        raise ConfigError(f"must be a fraction from 0 to 1, not {value!r}") from None
+
+
 def _names(value: str) -> tuple[str, ...]:
     """Comma-separated names; blanks around commas are ignored."""
     return tuple(part.strip() for part in value.split(","))
@@ -135,9 +184,11 @@ def _nonempty(value: Any) -> str | None:
     return None if value else "must not be empty"
 
 
-def _at_least(low: float, unit: str = "") -> Callable[[Any], str | None]:
+def _between(low: float, high: float, unit: str = "") -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        return None if value >= low else f"must be at least {low:g}{unit}, not {value:g}"
+        if low <= value <= high:
+            return None
+        return f"must be from {low:g} to {high:g}{unit}, not {value:g}"
 
     return check
 
@@ -145,12 +196,16 @@ def _at_least(low: float, unit: str = "") -> Callable[[Any], str | None]:
 def _positive(value: Any) -> str | None:
     if not math.isfinite(value):
         return f"must be a finite number of seconds, not {value!r}"
+    if value > MAX_SECONDS:
+        return f"must be at most {MAX_SECONDS:g} seconds, not {value:g}"
     return None if value > 0 else f"must be more than 0 seconds, not {value:g}"
 
 
 def _not_negative(value: Any) -> str | None:
     if not math.isfinite(value):
         return f"must be a finite number of seconds, not {value!r}"
+    if value > MAX_SECONDS:
+        return f"must be at most {MAX_SECONDS:g} seconds, not {value:g}"
     return None if value >= 0 else f"must be 0 or more seconds, not {value:g}"
 
 
@@ -159,9 +214,21 @@ def _unless_none(check: Callable[[Any], str | None]) -> Callable[[Any], str | No
     return lambda value: None if value is None else check(value)
 
 
+def _retention(value: Any) -> str | None:
+    if not math.isfinite(value) or not 0 < value <= MAX_RETENTION:
+        return f"must be more than 0 s and at most 3650d, not {value!r}"
+    return None
+
+
+def _fraction(value: Any) -> str | None:
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        return f"must be a fraction from 0 to 1, not {value!r}"
+    return None
+
+
 def _positive_size(value: Any) -> str | None:
-    if not math.isfinite(value) or value <= 0:
-        return f"must be a positive number of megabytes, not {value!r}"
+    if not math.isfinite(value) or not 0 < value <= MAX_MEGABYTES:
+        return f"must be more than 0 and at most {MAX_MEGABYTES} megabytes, not {value!r}"
     return None
 
 
@@ -194,6 +261,8 @@ COUNT = Kind(_integer, int, "a whole number")
 SECONDS = Kind(_seconds, (int, float), "a number of seconds")
 MEGABYTES = Kind(_number_of("megabytes"), (int, float), "a number of megabytes")
 NAMES = Kind(_names, list, "a list of strings", is_list=True)
+RATIO = Kind(_ratio, (int, float), "a fraction from 0 to 1")
+DURATION = Kind(parse_duration, (int, float, str), 'a duration like "7d" or a number of seconds')
 
 
 @dataclass(frozen=True)
@@ -202,7 +271,7 @@ class Option:
 
     name: str  # the Config field, the key in the config file, TASKHERD_<NAME> in the environment
     flags: tuple[str, ...]  # the CLI spelling, long form last
-    scope: str  # "global": before the command; "run": an option of `taskherd run`
+    scope: str  # "global": before the command; "run", "enqueue", "health": that command's
     kind: Kind
     check: Callable[[Any], str | None]  # value -> problem, or None when fine
     default: Callable[[], Any]
@@ -231,7 +300,7 @@ class Option:
             return self.kind.read(value)
         if self.kind.is_list:
             return tuple(item.strip() for item in value)
-        return float(value) if self.kind is SECONDS else value
+        return float(value) if self.kind in (SECONDS, RATIO, DURATION) else value
 
 
 def mask_loosely(url: str) -> str:
@@ -260,7 +329,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", ("--log-level",), "global", WORD, _one_of(LOG_LEVELS),
            _constant("info"), f"{', '.join(LOG_LEVELS)} (default info; debug shows tracebacks)",
            "LEVEL"),
-    Option("workers", ("-w", "--workers"), "run", COUNT, _at_least(1, " worker"),
+    Option("workers", ("-w", "--workers"), "run", COUNT, _between(1, MAX_WORKERS, " workers"),
            _cpus, "worker processes (default: one per CPU)",
            "N"),
     Option("queues", ("-q", "--queue"), "run", NAMES, _all_named,
@@ -291,11 +360,36 @@ OPTIONS: tuple[Option, ...] = (
            _constant(core.CANCEL_GRACE), "seconds a cancelled running task gets to stop",
            "S"),
     Option("max_tasks_per_worker", ("--max-tasks-per-worker",), "run", COUNT,
-           _unless_none(_at_least(1, " task")), _constant(None),
+           _unless_none(_between(1, MAX_TASKS_PER_WORKER, " tasks")), _constant(None),
            "recycle a worker after about N tasks (default: never)", "N"),
     Option("max_memory_per_worker", ("--max-memory-per-worker",), "run", MEGABYTES,
            _unless_none(_positive_size), _constant(None),
            "recycle a worker whose memory passes MB (default: never)", "MB"),
+    Option("purge_after", ("--purge-after",), "run", DURATION, _unless_none(_retention),
+           _constant(None), "delete finished tasks and stopped process rows older than this "
+           "(90s, 30m, 12h, 7d) every few minutes, one node at a time (default: never)",
+           "DURATION"),
+    Option("wake_up", ("--wake-up",), "run", WORD, _one_of(("on", "off")),
+           _constant("on"), "on: idle workers start a task as soon as it is enqueued; "
+           "off: they find it by polling", "on|off"),
+    Option("max_payload_bytes", ("--max-payload-bytes",), "enqueue", COUNT,
+           _between(1, MAX_PAYLOAD_LIMIT, " bytes"), _constant(MAX_PAYLOAD_BYTES),
+           "the largest payload accepted, as JSON text", "N"),
+    Option("pending_age_warning", ("--pending-age-warning",), "health", SECONDS, _positive,
+           _constant(300.0), "WARNING when a runnable task has waited longer (seconds)",
+           "S"),
+    Option("pending_age_critical", ("--pending-age-critical",), "health", SECONDS, _positive,
+           _constant(1800.0), "CRITICAL when a runnable task has waited longer (seconds)",
+           "S"),
+    Option("failure_rate_warning", ("--failure-rate-warning",), "health", RATIO, _fraction,
+           _constant(0.1), "WARNING when this share of recently finished tasks failed",
+           "F"),
+    Option("failure_rate_critical", ("--failure-rate-critical",), "health", RATIO, _fraction,
+           _constant(0.5), "CRITICAL when this share of recently finished tasks failed",
+           "F"),
+    Option("failure_window", ("--failure-window",), "health", SECONDS, _positive,
+           _constant(900.0), "seconds of finished tasks the failure rate looks at",
+           "S"),
 )
 # fmt: on
 
@@ -333,13 +427,15 @@ def resolve(
     path = config_file or environ.get(CONFIG_ENV) or None
     table = load_file(path) if path else {}
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for option in OPTIONS:
         value, where = _pick(option, flags, environ, table, path)
         problem = option.problem(value)
         if problem:
             raise ConfigError(f"{where}: {problem}")
         values[option.name] = value
-    config = Config(**values, config_file=path)
+        sources[option.name] = where
+    config = Config(**values, config_file=path, sources=sources)
     config.validate()
     return config
 

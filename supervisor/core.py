@@ -2,7 +2,8 @@
 
 The loop, one iteration (`tick`):
     handle signals -> reap exited workers -> kill hung workers -> record heartbeats
-    -> rescue stale tasks (when due) -> top up to N (with crash back-off) -> wait
+    -> rescue stale tasks, purge (when due; one node at a time) -> top up to N (with crash back-off)
+    -> tell systemd (under systemd only) -> wait
 
 The wait wakes at once when a worker exits (its process sentinel) or a signal
 arrives (a wake-up pipe), so nothing is polled with sleep.
@@ -17,12 +18,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from supervisor.listener import Listener
+from supervisor.notify import Notifier, PoolView, ServiceReporter
 from supervisor.process import (
     CLEAN_EXITS,
     WorkerHandle,
@@ -33,7 +36,8 @@ from supervisor.process import (
 )
 from supervisor.signals import SignalInbox
 from workers import __version__, registry
-from workers.store import TRANSIENT_ERRORS, Rescued, Store, WorkerStats
+from workers.resilience import Outage
+from workers.store import PURGE_BATCH, TRANSIENT_ERRORS, Rescued, Store, WorkerStats
 from workers.worker import EXIT_BOOT_FAILURE, WorkerArgs
 
 HEARTBEAT_INTERVAL = 2.0  # seconds between two heartbeat statements
@@ -48,6 +52,9 @@ MAX_TICK = 1.0  # seconds: the longest the loop sleeps when nothing wakes it
 CRASH_WINDOW = 5.0  # seconds: a worker dying younger than this, having done nothing, crashed
 CRASH_BACKOFF_INITIAL = 1.0  # seconds before respawning after the second crash in a row
 CRASH_BACKOFF_CAP = 60.0
+PURGE_INTERVAL = 300.0  # seconds between two periodic purges by one node (run --purge-after)
+# Settings a SIGHUP cannot change: they need a restart.
+RESTART_ONLY = frozenset({"database_url", "node"})
 
 
 @dataclass
@@ -82,8 +89,11 @@ class Supervisor:
         cancel_grace: float = CANCEL_GRACE,
         max_tasks_per_worker: int | None = None,
         max_memory_per_worker: float | None = None,
+        purge_after: float | None = None,
+        purge_interval: float = PURGE_INTERVAL,
         log_format: str | None = None,
         log_level: str = "info",
+        wake_up: bool = True,
     ) -> None:
         self.database_url = database_url
         self.desired = workers if workers is not None else (os.cpu_count() or 1)
@@ -100,8 +110,11 @@ class Supervisor:
         self.cancel_grace = cancel_grace
         self.max_tasks_per_worker = max_tasks_per_worker
         self.max_memory_per_worker = max_memory_per_worker
+        self.purge_after = purge_after  # seconds a finished task is kept; None: forever
+        self.purge_interval = purge_interval
         self.log_format = log_format
         self.log_level = log_level
+        self.wake_up = wake_up  # idle workers start at once on an enqueue (else: polling only)
 
         self.id = 0
         self.store: Store | None = None
@@ -114,20 +127,28 @@ class Supervisor:
         self._stop_deadline = 0.0
         self._next_heartbeat = 0.0
         self._next_rescue = 0.0
+        self._next_purge = 0.0
         self._next_spawn = 0.0
         self._next_cancel_check = 0.0
         self._crash_streak = 0
-        self._db_down_since: float | None = None
-        self._db_up_since = time.monotonic()
-        self._had_outage = False
+        self._crash_reason: str | None = None
+        self._generation = 0  # bumped by a reload: older workers are replaced
+        # () -> fresh Supervisor keyword arguments, for SIGHUP (the CLI sets it)
+        self.reloader: Callable[[], dict[str, Any]] | None = None
+        self._outage = Outage()  # whether the database is reachable, and since when
         self._stop_requested: str | None = None
         self._thread: threading.Thread | None = None
+        self.listener: Listener | None = None  # hears enqueues (wait() opens and drains it)
+        self.systemd = ServiceReporter.disabled()  # run() enables it under systemd
 
     # -- life cycle ------------------------------------------------------------------
 
     def run(self) -> None:
         """Boot, supervise until told to stop, then drain. Blocks; handles TERM, INT and QUIT."""
         self._inbox.install()
+        self.systemd = ServiceReporter(
+            Notifier.from_environment(unset=True), status_interval=self.heartbeat_interval
+        )
         try:
             self.boot()
             self.loop()
@@ -171,13 +192,14 @@ class Supervisor:
         """Start-up, in order: task modules, database and schema, our row, predecessors, workers."""
         registry.import_modules(self.imports)
         self.store = Store(self.database_url, create=True)
-        self.store.init_schema()
+        self.store.ensure_schema()
         self.id = self.store.register_supervisor(
             self.node,
             os.getpid(),
             process_start_time(os.getpid()) or 0.0,
             self.desired,
             __version__,
+            self.heartbeat_timeout,
         )
         self.log = self.log.bind(supervisor_id=self.id)
         self.rescue_dead_predecessors()
@@ -207,25 +229,98 @@ class Supervisor:
         else:
             self.kill_hung_workers()
             self.forward_cancellations()
+            self.retire_workers()
             self.top_up()
         self.record_heartbeats()
         if not self._stopping:
             self.rescue_stale_tasks()
+            self.purge_finished()
+        self.notify_systemd()
         self.wait()
         return False
 
     # -- the steps -------------------------------------------------------------------
 
     def handle_signals(self) -> None:
-        """Act on recorded signals: TERM/INT drain, a second INT or QUIT stops at once."""
+        """Act on recorded signals: TERM/INT drain, a second INT or QUIT stops at once;
+        HUP reloads, TTIN/TTOU add or remove a worker."""
         for signum in self._inbox.drain():
             if signum == signal.SIGQUIT or (signum == signal.SIGINT and self._stopping):
                 self.begin_stop(quick=True, why=signal.Signals(signum).name)
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self.begin_stop(quick=False, why=signal.Signals(signum).name)
+            elif self._stopping:
+                continue
+            elif signum == signal.SIGHUP:
+                self.reload()
+            elif signum == signal.SIGTTIN:
+                self.resize(self.desired + 1, why="SIGTTIN")
+            elif signum == signal.SIGTTOU:
+                self.resize(self.desired - 1, why="SIGTTOU")
         requested, self._stop_requested = self._stop_requested, None
         if requested is not None:
             self.begin_stop(quick=requested == "quick", why="requested")
+
+    def resize(self, workers: int, *, why: str) -> None:
+        """Aim for this many workers (at least 1); surplus ones finish their task and leave."""
+        workers = max(1, workers)
+        if workers != self.desired:
+            self.log.info("supervisor.resized", workers=workers, previous=self.desired, reason=why)
+            self.desired = workers
+
+    def reload(self) -> None:
+        """Re-read the configuration (SIGHUP); workers are then replaced one by one.
+
+        A configuration that cannot be read or a module that cannot be imported changes
+        nothing. The database and the node name need a restart.
+        """
+        if self.reloader is None:
+            self.log.warning("supervisor.reload_unavailable")
+            return
+        told_systemd = self.systemd.ready_sent  # before READY=1, a reload is no news to it
+        if told_systemd:
+            self.systemd.notifier.reloading("reloading the configuration")
+        try:
+            settings = self.reloader()
+            registry.import_modules(settings.get("imports", ()))
+        except Exception as error:
+            self.log.error("supervisor.reload_failed", error=str(error).splitlines()[0])
+            if told_systemd:
+                self.systemd.notifier.ready()
+            return
+        changed = {}
+        for name, value in settings.items():
+            if name in RESTART_ONLY or name == "workers" or getattr(self, name) == value:
+                if name in RESTART_ONLY and getattr(self, name) != value:
+                    self.log.warning("supervisor.reload_needs_restart", setting=name)
+                continue
+            changed[name] = value
+            setattr(self, name, value)
+        self.resize(settings.get("workers", self.desired), why="SIGHUP")
+        self._generation += 1
+        self.log.info("supervisor.reloaded", changed=sorted(changed), generation=self._generation)
+        if told_systemd:
+            self.systemd.notifier.ready()  # the workers are replaced from here, one at a time
+
+    def retire_workers(self) -> None:
+        """Scale down to N, and replace workers of an older configuration one at a time;
+        each one leaves gracefully, after its current task."""
+        staying = [h for h in self.workers.values() if not h.retiring and h.kill_reason is None]
+        surplus = len(staying) - self.desired
+        outdated = [h for h in staying if h.generation < self._generation]
+        rolling = any(h.retiring for h in self.workers.values())
+        if surplus > 0:
+            chosen = sorted(staying, key=lambda h: bool(h.shared.current_task))[:surplus]
+            why = "scaled down"
+        elif outdated and not rolling:
+            chosen = sorted(outdated, key=lambda h: bool(h.shared.current_task))[:1]
+            why = "configuration reloaded"
+        else:
+            return
+        for handle in chosen:
+            self.log.info("worker.retiring", worker_id=handle.worker_id, pid=handle.pid, reason=why)
+            handle.retiring = True
+            handle.terminate()
 
     def begin_stop(self, *, quick: bool, why: str) -> None:
         """Stop claiming: TERM every worker (graceful) or KILL them (quick)."""
@@ -269,7 +364,12 @@ class Supervisor:
             if code is None:
                 continue
             del self.workers[worker_id]
-            reason = classify_exit(code, handle.kill_reason)
+            reason = classify_exit(
+                code,
+                handle.kill_reason,
+                oom_killed=handle.killed_by_oom() if code == -signal.SIGKILL else None,
+                boot_error=handle.boot_error() if code == EXIT_BOOT_FAILURE else None,
+            )
             crashed = code == EXIT_BOOT_FAILURE or (
                 code not in CLEAN_EXITS
                 and handle.kill_reason is None
@@ -307,15 +407,22 @@ class Supervisor:
     def _note_crash(self, crashed: bool, reason: str) -> None:
         """Back off respawning while workers keep dying at start (a crash loop)."""
         if not crashed:
-            self._crash_streak = 0
+            self._end_crash_streak()
             return
         self._crash_streak += 1
+        self._crash_reason = reason
         if self._crash_streak < 2:
             return
         delay = min(CRASH_BACKOFF_CAP, CRASH_BACKOFF_INITIAL * 2 ** (self._crash_streak - 2))
         self._next_spawn = time.monotonic() + delay
         if self._crash_streak == 2:
             self.log.error("supervisor.crash_loop", reason=reason, backoff=delay)
+
+    def _end_crash_streak(self) -> None:
+        """A worker outlived the crash window, or ended for a reason of its own: no loop."""
+        if self._crash_streak >= 2:
+            self.log.info("supervisor.crash_loop_ended", crashes=self._crash_streak)
+        self._crash_streak, self._crash_reason = 0, None
 
     def settle_retirements(self) -> None:
         """Mark ended workers inactive and rescue their tasks (kept while the database is down)."""
@@ -420,8 +527,20 @@ class Supervisor:
             for worker_id, handle in self.workers.items()
             if handle.liveness_age(now) <= self.worker_timeout and handle.kill_reason is None
         }
-        disowned = self._db(lambda store: store.record_heartbeats(self.id, live), "heartbeat")
-        if disowned is None:
+        if self._crash_streak and any(
+            now - h.spawned_at > CRASH_WINDOW for h in self.workers.values()
+        ):
+            self._end_crash_streak()
+        streak = self._crash_streak if self._crash_streak >= 2 else 0
+        disowned = self._db(
+            lambda store: store.record_heartbeats(
+                self.id, live, streak, self._crash_reason, desired_workers=self.desired
+            ),
+            "heartbeat",
+            probe=True,
+        )
+        if disowned is None:  # the database is down: probe it again after a backoff
+            self._next_heartbeat = time.monotonic() + self._outage.next_delay()
             return
         self._next_heartbeat = now + self.heartbeat_interval
         for worker_id in disowned:
@@ -430,15 +549,18 @@ class Supervisor:
             handle.kill("killed: declared lost by another node while this one was cut off")
 
     def rescue_stale_tasks(self) -> None:
-        """Rescue tasks whose worker's heartbeat is older than heartbeat_timeout, on any node.
+        """Rescue tasks whose worker's heartbeat is older than heartbeat_timeout, on any node
+        (one node at a time: the store skips it while another node's maintenance runs).
 
-        Not while our own heartbeats could not be written, nor until a heartbeat timeout after
-        an outage: others may have been cut off as we were.
+        Not while our own heartbeats cannot be written, nor until a heartbeat timeout after
+        an outage: the other nodes were cut off as we were, and their heartbeats are as old as
+        ours until they write the next one (within the retry cap of their recovery).
         """
         now = time.monotonic()
-        if now < self._next_rescue or self._db_down_since is not None:
+        if now < self._next_rescue or self._outage.down:
             return
-        if now - self._db_up_since < self.heartbeat_timeout and self._had_outage:
+        recovered = self._outage.recovered_at
+        if recovered is not None and now - recovered < self.heartbeat_timeout:
             return
         result = self._db(lambda store: store.rescue_stale_tasks(self.heartbeat_timeout), "rescue")
         if result is None:
@@ -459,6 +581,22 @@ class Supervisor:
                 reason="heartbeat lost",
             )
 
+    def purge_finished(self) -> None:
+        """With purge_after: delete old finished tasks and stopped process rows every
+        purge_interval, on one node at a time; sooner while a backlog remains."""
+        now = time.monotonic()
+        older_than = self.purge_after
+        if older_than is None or now < self._next_purge or self._outage.down:
+            return
+        self._next_purge = now + self.purge_interval
+        removed = self._db(lambda store: store.purge_finished(older_than), "purge")
+        if not removed:  # the database is down, or another node's maintenance runs
+            return
+        if max(removed.values()) >= PURGE_BATCH:
+            self._next_purge = now + self.heartbeat_interval
+        if any(removed.values()):
+            self.log.info("maintenance.purged", older_than=older_than, **removed)
+
     def top_up(self) -> None:
         """Spawn workers until there are N, unless backing off after crashes."""
         while len(self.workers) < self.desired and time.monotonic() >= self._next_spawn:
@@ -470,7 +608,8 @@ class Supervisor:
         worker_id = self._db(
             lambda store: store.register_worker(self.id, self.node, self.queues), "register worker"
         )
-        if worker_id is None:
+        if worker_id is None:  # the database is down: retry with the next heartbeat probe
+            self._next_spawn = max(self._next_spawn, self._next_heartbeat)
             return False
         args = WorkerArgs(
             database_url=self.database_url,
@@ -487,6 +626,7 @@ class Supervisor:
             sys_path=tuple(sys.path),
         )
         handle = WorkerHandle(worker_id, args)
+        handle.generation = self._generation
         self.workers[worker_id] = handle
         self.log.info("worker.spawned", worker_id=worker_id, pid=handle.pid)
         self.record_pid(handle)
@@ -501,6 +641,25 @@ class Supervisor:
         )
         handle.pid_recorded = recorded is not None
 
+    def notify_systemd(self) -> None:
+        """Under systemd (NOTIFY_SOCKET, run() only): READY=1 once all workers are up, STATUS=,
+        WATCHDOG=1 from this turning loop, STOPPING=1 and EXTEND_TIMEOUT_USEC= in a drain."""
+        if not self.systemd.enabled:
+            return
+        now = time.monotonic()
+        up = [h for h in self.workers.values() if h.booted and h.kill_reason is None]
+        pool = PoolView(
+            desired=self.desired,
+            up=len(up),
+            alive=len(self.workers),
+            responsive=sum(h.liveness_age(now) <= self.worker_timeout for h in up),
+            stopping=self._stopping,
+            drain_deadline=self._stop_deadline if self._stopping and not self._quick else None,
+        )
+        self.systemd.update(
+            now, pool, lambda: self._db(lambda s: s.task_counts(self.queues), "task counts")
+        )
+
     def wait(self) -> None:
         """Sleep until a worker exits, a signal arrives, or the next timed step is due."""
         now = time.monotonic()
@@ -512,10 +671,50 @@ class Supervisor:
         # task deadlines share CLOCK_MONOTONIC with us: wake when the first one passes
         due.extend(d for h in self.workers.values() if (d := float(h.shared.task_deadline)))
         due.extend(h.stack_deadline for h in self.workers.values() if h.pending_kill)
+        if (watchdog := self.systemd.next_due()) is not None:
+            due.append(watchdog)
+        listener = self.keep_listening(now)
+        if listener is not None:
+            due.append(listener.next_due)
         timeout = max(0.0, min(MAX_TICK, *(moment - now for moment in due)))
         waitables: list[Any] = [handle.sentinel for handle in self.workers.values()]
         waitables.append(self._inbox)
-        multiprocessing.connection.wait(waitables, timeout)
+        heard = listener.fileno() if listener is not None and listener.is_open else None
+        if heard is not None:
+            waitables.append(heard)
+        ready = multiprocessing.connection.wait(waitables, timeout)
+        if listener is not None and heard in ready:
+            self.wake_idle_workers(listener.drain(self.queues))
+
+    def keep_listening(self, now: float) -> Listener | None:
+        """Open, check or reopen (with back-off) the listener that hears enqueues; close it
+        when wake-ups are off. Every idle worker looks once after the listener (re)opens."""
+        if not self.wake_up or self._stopping or self.store is None:
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+            return None
+        if self.listener is None:
+            self.listener = Listener.for_store(self.store, self.id, self.log)
+        if self.listener.maintain(now):
+            self.wake_idle_workers(None)
+        return self.listener
+
+    def wake_idle_workers(self, tasks: int | None) -> None:
+        """Poke up to `tasks` workers that are looking for work (None: every one of them).
+
+        As many as tasks were announced, not all: with 8 idle workers, waking all of them for
+        each task tripled the pool's CPU and doubled the pickup latency (the empty claims of
+        the losers queue with the winner's)."""
+        poked: list[int] = []
+        for handle in self.workers.values():
+            if tasks is not None and len(poked) >= tasks:
+                break
+            if handle.wants_work and not handle.retiring and handle.kill_reason is None:
+                handle.poke()
+                poked.append(handle.worker_id)
+        if poked:
+            self.log.debug("wake.poked", workers=poked, tasks=tasks)
 
     def rescue_dead_predecessors(self) -> None:
         """At boot: settle supervisors on this node whose process is gone, and their workers."""
@@ -568,6 +767,8 @@ class Supervisor:
                 self._db(lambda store: store.set_supervisor_status(self.id, "stopped"), "stopped")
                 self.log.info("supervisor.stopped")
             self.store.dispose()
+        if self.listener is not None:
+            self.listener.close()
         self._inbox.close()
 
     # -- database access that survives outages --------------------------------------
@@ -578,23 +779,21 @@ class Supervisor:
             raise RuntimeError("the supervisor has not booted")
         return self.store
 
-    def _db(self, operation: Any, what: str) -> Any:
-        """Run one store operation and return its result; on a transient error log the outage
-        once and return None (operations whose success matters return something else)."""
+    def _db(self, operation: Any, what: str, *, probe: bool = False) -> Any:
+        """Run one store operation and return its result, or None if the database is down
+        (operations whose success matters return something else).
+
+        The first transient error starts an outage, logged once. While it lasts only the
+        heartbeat (probe=True) tries the database, at backoff intervals; everything else
+        returns None at once, so the loop neither spins nor blocks on a dead database, and a
+        read that a write-locked SQLite file still allows does not end the outage.
+        """
+        if self._outage.down and not probe:
+            return None
         try:
             result = operation(self._store)
         except TRANSIENT_ERRORS as error:
-            if self._db_down_since is None:
-                self._db_down_since = time.monotonic()
-                self._had_outage = True
-                self.log.warning(
-                    "database.unavailable", operation=what, error=str(error).splitlines()[0]
-                )
+            self._outage.failed(self.log, what, error)
             return None
-        if self._db_down_since is not None:
-            self.log.info(
-                "database.recovered", down_for=round(time.monotonic() - self._db_down_since, 1)
-            )
-            self._db_down_since = None
-            self._db_up_since = time.monotonic()
+        self._outage.succeeded(self.log)
         return result

@@ -30,6 +30,7 @@ import psutil
 import structlog
 
 from supervisor.core import Supervisor
+from supervisor.text import progress_bar
 from workers import TaskQueue
 from workers.logs import configure_logging
 from workers.store import FINISHED, Store, UnknownTask
@@ -475,10 +476,7 @@ def task_detail(row: dict[str, Any]) -> str:
     status = row["status"]
     history = error_history(row)
     if status == "running":
-        percent = float(row["progress_percentage"] or 0.0)
-        filled = round(BAR_WIDTH * percent / 100)
-        bar = "█" * filled + "░" * (BAR_WIDTH - filled)
-        return f"{bar} {percent:3.0f}%  {row['current_step'] or ''}"
+        return f"{progress_bar(row['progress_percentage'], BAR_WIDTH)}  {row['current_step'] or ''}"
     if status == "pending" and history:
         rescue = parse_rescue(history[-1])
         if rescue is not None:

@@ -12,6 +12,7 @@ import time
 
 import psutil
 
+from supervisor.oom import killed_by_oom
 from workers.store import WorkerStats
 from workers.worker import (
     EXIT_BOOT_FAILURE,
@@ -43,20 +44,25 @@ class WorkerHandle:
         self.stack_deadline = 0.0
         self.diagnosis: str | None = None  # the stack (or why there is none) at the kill
         self.pid_recorded = False  # its row has its pid (retried while the database is down)
+        self.generation = 0  # the configuration it was started with (bumped by SIGHUP)
+        self.retiring = False  # asked to leave after its task (scale down, reload)
         fd = os.memfd_create(f"taskherd-worker-{worker_id}")
         self._stack_fd = os.memfd_create(f"taskherd-stack-{worker_id}")
+        wake_fd, self._wake_fd = os.pipe()  # we poke the write end when tasks are enqueued
+        os.set_blocking(self._wake_fd, False)
         try:
             self._memory, self.shared = map_shared_state(fd)
-            args = dataclasses.replace(args, shared_fd=fd, stack_fd=self._stack_fd)
+            args = dataclasses.replace(args, shared_fd=fd, stack_fd=self._stack_fd, wake_fd=wake_fd)
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "workers"],
                 stdin=subprocess.PIPE,
-                pass_fds=(fd, self._stack_fd),
+                pass_fds=(fd, self._stack_fd, wake_fd),
                 text=True,
                 process_group=0,  # a terminal's Ctrl-C reaches the supervisor only
             )
         finally:
             os.close(fd)
+            os.close(wake_fd)
         stdin = self.process.stdin
         if stdin is not None:
             stdin.write(args.to_json())
@@ -72,12 +78,24 @@ class WorkerHandle:
         """Release the sentinel and the shared memory of an exited worker."""
         os.close(self.sentinel)
         os.close(self._stack_fd)
+        os.close(self._wake_fd)
         del self.shared
         self._memory.close()
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def wants_work(self) -> bool:
+        """Whether the worker is looking for work and nobody has poked it since it began."""
+        return bool(self.shared.wants_work)
+
+    def poke(self) -> None:
+        """Wake the worker from its idle wait: tasks were enqueued."""
+        self.shared.wants_work = 0
+        with contextlib.suppress(BlockingIOError):  # a full pipe wakes it all the same
+            os.write(self._wake_fd, b"\0")
 
     def liveness_age(self, now: float) -> float:
         """Seconds since the worker's last liveness proof (since its spawn, before the first)."""
@@ -129,6 +147,15 @@ class WorkerHandle:
             self.release_tasks = release
         send_signal(self.pid, signal.SIGKILL)
 
+    def boot_error(self) -> str | None:
+        """What a worker that exited with EXIT_BOOT_FAILURE wrote about why (first line)."""
+        text = os.pread(self._stack_fd, MAX_STACK_BYTES, 0).decode("utf-8", "replace").strip()
+        return text.splitlines()[0] if text else None
+
+    def killed_by_oom(self) -> bool | None:
+        """Whether the kernel's OOM killer killed this (SIGKILLed) worker; None: unknown."""
+        return killed_by_oom(self.pid, self.spawned_at)
+
     @property
     def booted(self) -> bool:
         """Whether the worker reached its main function (and handles SIGTERM)."""
@@ -149,8 +176,18 @@ def send_signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def classify_exit(exit_code: int | None, kill_reason: str | None) -> str:
-    """A human reason for a worker's end, from its exit code and what we did to it."""
+def classify_exit(
+    exit_code: int | None,
+    kill_reason: str | None,
+    *,
+    oom_killed: bool | None = None,
+    boot_error: str | None = None,
+) -> str:
+    """A human reason for a worker's end, from its exit code and what we did to it.
+
+    oom_killed: whether the kernel's log shows an OOM kill of it (None: cannot be told).
+    boot_error: what a worker that could not boot reported.
+    """
     if kill_reason is not None:
         return kill_reason
     if exit_code is None:
@@ -158,6 +195,8 @@ def classify_exit(exit_code: int | None, kill_reason: str | None) -> str:
     if exit_code == EXIT_OK:
         return "exited cleanly"
     if exit_code == EXIT_BOOT_FAILURE:
+        if boot_error:
+            return f"could not boot: {boot_error}"
         return "could not boot (a task module failed to import, or the database is unusable)"
     if exit_code == EXIT_RECYCLED_TASKS:
         return "recycled after its share of tasks (max tasks per worker)"
@@ -167,7 +206,9 @@ def classify_exit(exit_code: int | None, kill_reason: str | None) -> str:
         return "left because its supervisor died"
     if exit_code < 0:
         name = _signal_name(-exit_code)
-        if -exit_code == signal.SIGKILL:
+        if -exit_code == signal.SIGKILL and oom_killed:
+            return f"killed by the kernel's OOM killer ({name}): out of memory"
+        if -exit_code == signal.SIGKILL and oom_killed is None:
             return f"killed by {name} (out of memory, or an operator?)"
         return f"killed by {name}"
     return f"exited with code {exit_code}"

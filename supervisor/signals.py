@@ -11,9 +11,12 @@ from types import FrameType
 from typing import Any
 
 HANDLED = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
+    signal.SIGTERM,  # drain, then stop
+    signal.SIGINT,  # the same; a second one stops at once
+    signal.SIGQUIT,  # stop at once
+    signal.SIGHUP,  # reload the configuration and replace the workers one by one
+    signal.SIGTTIN,  # one worker more
+    signal.SIGTTOU,  # one worker fewer
 )
 
 

@@ -9,7 +9,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from workers.store import Claim, Progress, Store
+import structlog
+
+from workers.resilience import Outage, persistently
+from workers.store import TRANSIENT_ERRORS, Claim, Progress, Store
 
 PROGRESS_INTERVAL = 1.0  # seconds: at most one progress write per task in this time
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -30,6 +33,9 @@ class TaskContext:
         *,
         progress_interval: float = PROGRESS_INTERVAL,
         cancel_signal: Callable[[], bool] | None = None,
+        log: Any = None,
+        outage: Outage | None = None,
+        hold_timeout: Callable[[], Callable[[float], None]] | None = None,
     ) -> None:
         self._store = store
         self._claim = claim
@@ -39,6 +45,11 @@ class TaskContext:
         self._unwritten: Progress | None = None
         self._cancel_requested = False
         self._cancel_signal = cancel_signal
+        self._log = log if log is not None else structlog.get_logger().bind(task_id=claim.id)
+        self._outage = outage if outage is not None else Outage()
+        # Holds the task's timeout while a write waits on the database; the returned release
+        # puts it back, later by the seconds the database was unavailable (not the task's).
+        self._hold_timeout = hold_timeout or (lambda: lambda _seconds: None)
 
     @property
     def task_id(self) -> int:
@@ -89,11 +100,24 @@ class TaskContext:
             self._write_progress()
 
     def _write_progress(self) -> None:
+        """Write the last report. While the database is unavailable the report is kept, for
+        the next write (a second later) or the task's final write: the handler goes on."""
         if self._unwritten is None:
             return
         progress, self._unwritten = self._unwritten, None
-        self._last_write = time.monotonic()
-        if self._store.record_progress(self._claim, progress):
+        self._last_write = started = time.monotonic()
+        release, unavailable = self._hold_timeout(), 0.0
+        try:
+            cancel = self._store.record_progress(self._claim, progress)
+        except TRANSIENT_ERRORS as error:  # on SQLite, after its busy timeout
+            unavailable = time.monotonic() - started
+            self._outage.failed(self._log, "progress", error)
+            self._unwritten = progress
+            return
+        finally:
+            release(unavailable)
+        self._outage.succeeded(self._log)
+        if cancel:
             self._cancel_requested = True
 
     def take_unwritten_progress(self) -> Progress | None:
@@ -102,7 +126,8 @@ class TaskContext:
         return progress
 
     def log(self, level: str, message: str, **data: Any) -> None:
-        """Append {timestamp, level, message, data} to the task's execution_log."""
+        """Append {timestamp, level, message, data} to the task's execution_log (waiting, while
+        the database is unavailable, until the entry is written)."""
         if level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}")
         entry = {
@@ -111,4 +136,15 @@ class TaskContext:
             "message": str(message),
             "data": data,
         }
-        self._store.append_log(self._claim, entry)
+        started, release = time.monotonic(), self._hold_timeout()
+        try:
+            persistently(
+                lambda: self._store.append_log(self._claim, entry),
+                what="log",
+                log=self._log,
+                outage=self._outage,
+            )
+        finally:
+            recovered = self._outage.recovered_at
+            waited_out_an_outage = recovered is not None and recovered >= started
+            release(time.monotonic() - started if waited_out_an_outage else 0.0)

@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -40,15 +40,39 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import DateTime, TypeDecorator
 
-SCHEMA_VERSION = 2
+from workers import wake
+
+SCHEMA_VERSION = 3
 
 # Statements that bring a schema of version N-1 up to N; schema.sql then adds what is missing.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE task_workers ADD COLUMN rss_mb DOUBLE PRECISION",),
+    3: (
+        "ALTER TABLE supervisors ADD COLUMN heartbeat_timeout DOUBLE PRECISION",
+        "ALTER TABLE supervisors ADD COLUMN crash_streak INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE supervisors ADD COLUMN crash_reason TEXT",
+    ),
 }
 SQLITE_BUSY_TIMEOUT_MS = 5_000
+# SQLite's durability, chosen in the URL (sqlite:///taskherd.db?synchronous=FULL) so every
+# process that opens the file agrees. NORMAL (in WAL mode): a power cut may lose the last
+# commits; FULL: every commit reaches the disk before it returns.
 SQLITE_SYNCHRONOUS = "NORMAL"
+SQLITE_SYNCHRONOUS_LEVELS = ("NORMAL", "FULL", "EXTRA")
 MAX_ERROR_LENGTH = 8_000
+# PostgreSQL: one NOTIFY per payload, sent at commit (wake.py describes the payloads).
+NOTIFY = sa.text(
+    "SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"
+)
+# libpq options of the supervisor's listening connection: give up connecting after 3 s, and
+# notice a server that vanished without a word (a cut link) within about 25 s.
+LISTENER_CONNECT_OPTIONS = {
+    "connect_timeout": 3,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
 
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = (
     "pending",
@@ -168,6 +192,9 @@ supervisors = Table(
     Column("desired_workers", Integer, nullable=False),
     Column("status", Text, nullable=False),
     Column("version", Text, nullable=False),
+    Column("heartbeat_timeout", Float),
+    Column("crash_streak", Integer, nullable=False),
+    Column("crash_reason", Text),
 )
 
 schema_version = Table("schema_version", metadata, Column("version", Integer, nullable=False))
@@ -232,6 +259,19 @@ class WorkerStats:
     rss_mb: float | None = None
 
 
+@dataclass
+class HealthFacts:
+    """Rows of the health views, and the counts `taskherd health` judges beside them."""
+
+    now: datetime
+    supervisors: list[dict[str, Any]]
+    workers: list[dict[str, Any]]
+    queues: list[dict[str, Any]]
+    completed_recently: int = 0
+    failed_recently: int = 0
+    overdue: list[tuple[int, int | None, float, float]] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class ProcessRow:
     """A supervisor or worker row, enough to tell whether its process still lives."""
@@ -279,6 +319,14 @@ def normalise_url(url: str) -> sa.URL:
     if backend == "sqlite":
         if not parsed.database or parsed.database == ":memory:":
             raise BadDatabase("SQLite needs a file: sqlite:///path/to/taskherd.db")
+        unknown = sorted(set(parsed.query) - {"synchronous"})
+        if unknown:
+            raise BadDatabase(f"unknown SQLite URL parameter {unknown[0]!r} (known: synchronous)")
+        level = str(parsed.query.get("synchronous", SQLITE_SYNCHRONOUS)).upper()
+        if level not in SQLITE_SYNCHRONOUS_LEVELS:
+            raise BadDatabase(
+                f"synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS_LEVELS)}, not {level!r}"
+            )
         return parsed.set(drivername="sqlite")
     raise BadDatabase(
         f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:///FILE or postgresql://..."
@@ -325,13 +373,75 @@ def _install_sqlite_settings(engine: Engine, synchronous: str) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+# libpq options of every pooled PostgreSQL connection, so that a cut link or a dead host is an
+# error within seconds rather than a statement that hangs for the kernel's ~15 minutes: give up
+# connecting after 5 s; fail a connection whose data stays unacknowledged for 10 s; probe an
+# idle one after 5 s of silence (3 probes, 2 s apart). Any of them set in the URL wins.
+POSTGRES_CONNECT_OPTIONS: dict[str, int] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # milliseconds
+}
+# The server's side of the same, per session (options=-c ..., before any options in the URL).
+# A client cut off inside a transaction leaves its session "idle in transaction", holding its
+# row locks and the maintenance lock, until the server notices -- by default after its own TCP
+# keepalives, two hours. taskherd sends a transaction's statements back to back, so 5 s of
+# silence inside one means the client is gone (or frozen): the server ends the session and
+# its locks go with it. Its keepalives free the slot of a vanished idle client within ~25 s.
+POSTGRES_SESSION_SETTINGS: dict[str, str] = {
+    "idle_in_transaction_session_timeout": "5s",
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
+# Periodic maintenance (the stale-heartbeat rescue, the periodic purge) runs on one node at a
+# time: it takes this advisory lock inside its transaction, and skips its turn if another node
+# holds it. Being transaction-scoped, the lock ends with the transaction, or with its session
+# when its node dies or is cut off (POSTGRES_SESSION_SETTINGS): it cannot outlive its holder.
+MAINTENANCE_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(hashtext('taskherd.maintenance'))")
+PURGE_BATCH = 10_000  # rows per table a periodic purge deletes at most: the lock stays short
+
+
+def _postgres_connect_args(url: sa.URL) -> dict[str, Any]:
+    """POSTGRES_CONNECT_OPTIONS and POSTGRES_SESSION_SETTINGS, under what the URL sets."""
+    given = dict(url.query)
+    ours = " ".join(f"-c {name}={value}" for name, value in POSTGRES_SESSION_SETTINGS.items())
+    extra = given.get("options")
+    options = f"{ours} {extra}" if isinstance(extra, str) else ours  # the last -c wins
+    defaults = {key: value for key, value in POSTGRES_CONNECT_OPTIONS.items() if key not in given}
+    return {**defaults, "options": options}
+
+
+def _install_postgres_settings(engine: Engine) -> None:
+    """A connection the server ended is a transient error like any other disconnection."""
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: Any) -> BaseException | None:
+        # e.g. the idle-in-transaction timeout above ended the session of a process that was
+        # frozen mid-transaction: psycopg calls that an InternalError, yet a retry on a new
+        # connection is exactly right.
+        error = context.sqlalchemy_exception
+        if context.is_disconnect and error is not None and not isinstance(error, TRANSIENT_ERRORS):
+            return sa.exc.OperationalError(
+                context.statement,
+                context.parameters,
+                context.original_exception,
+                connection_invalidated=True,
+            )
+        return None
+
+
 class Store:
     """The database as taskherd sees it. Each process builds its own."""
 
-    def __init__(
-        self, url: str, *, create: bool = False, sqlite_synchronous: str = SQLITE_SYNCHRONOUS
-    ):
+    def __init__(self, url: str, *, create: bool = False):
         self.url = normalise_url(url)
+        self.sqlite_synchronous = str(self.url.query.get("synchronous", SQLITE_SYNCHRONOUS))
+        self.url = self.url.difference_update_query(["synchronous"])
         self.dialect = self.url.get_backend_name()
         self.is_sqlite = self.dialect == "sqlite"
         if self.is_sqlite:
@@ -341,9 +451,18 @@ class Store:
                     raise BadDatabase(f"no database at {path}: run `taskherd init-db` first")
                 _create_private_file(path)
             self.engine = sa.create_engine(self.url, poolclass=sa.pool.QueuePool, pool_size=2)
-            _install_sqlite_settings(self.engine, sqlite_synchronous)
+            _install_sqlite_settings(self.engine, self.sqlite_synchronous.upper())
         else:
-            self.engine = sa.create_engine(self.url, pool_size=2, max_overflow=4)
+            # pre-ping: a connection that outlived a server restart is replaced when it is
+            # checked out, rather than failing the first statement after the restart
+            self.engine = sa.create_engine(
+                self.url,
+                pool_size=2,
+                max_overflow=4,
+                pool_pre_ping=True,
+                connect_args=_postgres_connect_args(self.url),
+            )
+            _install_postgres_settings(self.engine)
         self._open()
 
     def _open(self) -> None:
@@ -368,11 +487,18 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        """A write transaction (BEGIN IMMEDIATE on SQLite)."""
-        with self.engine.connect() as conn:
-            conn.execution_options(taskherd_write=True)
-            with conn.begin():
-                yield conn
+        """A write transaction (BEGIN IMMEDIATE on SQLite); BadDatabase if the file is read-only."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execution_options(taskherd_write=True)
+                with conn.begin():
+                    yield conn
+        except sa.exc.OperationalError as error:
+            if self.is_sqlite and "readonly database" in str(error.orig):
+                raise BadDatabase(
+                    f"{self.url.database} is read-only: taskherd must be able to write it"
+                ) from error
+            raise
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -482,11 +608,21 @@ class Store:
     # -- enqueue ---------------------------------------------------------------------
 
     def enqueue(self, new: Sequence[NewTask], connection: Connection | None = None) -> list[int]:
-        """Insert tasks and return their ids in order; a unique key already held returns that id."""
+        """Insert tasks and return their ids in order; a unique key already held returns that id.
+
+        Idle workers are woken once the tasks are committed (see wake.py): on PostgreSQL by a
+        NOTIFY in the same transaction, on SQLite by a datagram after the commit.
+        """
         if connection is not None:
-            return self._enqueue(connection, new)
+            ids = self._enqueue(connection, new)
+            if self.is_sqlite:
+                wake.ring_at_commit(connection, self._wake_dir, self._announcements(new, ids))
+            return ids
         with self._write() as conn:
-            return self._enqueue(conn, new)
+            ids = self._enqueue(conn, new)
+        if self.is_sqlite:
+            wake.ring(self._wake_dir, self._announcements(new, ids))
+        return ids
 
     def _enqueue(self, conn: Connection, new: Sequence[NewTask]) -> list[int]:
         if not new:
@@ -494,8 +630,40 @@ class Store:
         insert = self._task_insert()
         if all(item.unique_key is None for item in new):
             statement = insert.returning(tasks.c.id, sort_by_parameter_order=True)
-            return list(conn.execute(statement, [self._task_row(item) for item in new]).scalars())
-        return [self._enqueue_unique(conn, insert, item) for item in new]
+            ids = list(conn.execute(statement, [self._task_row(item) for item in new]).scalars())
+        else:
+            ids = [self._enqueue_unique(conn, insert, item) for item in new]
+        if not self.is_sqlite:
+            self._notify(conn, self._announcements(new, ids))
+        return ids
+
+    @staticmethod
+    def _announcements(new: Sequence[NewTask], ids: Sequence[int]) -> list[str]:
+        """Wake-up payloads for the tasks runnable now, one per queue (delayed ones: none)."""
+        ready = zip(new, ids, strict=True)
+        return wake.payloads((item.queue, task_id) for item, task_id in ready if not item.delay)
+
+    def _notify(self, conn: Connection, payloads: Sequence[str]) -> None:
+        """PostgreSQL: NOTIFY the listening supervisors, delivered when this transaction commits."""
+        if payloads:
+            conn.execute(NOTIFY, {"channel": wake.CHANNEL, "payloads": list(payloads)})
+
+    @property
+    def _wake_dir(self) -> str:
+        return wake.wake_dir(str(self.url.database))
+
+    def listen_for_tasks(self, application_name: str) -> Any:
+        """PostgreSQL: a new connection (outside the pool, autocommit) LISTENing on the channel
+        enqueuers NOTIFY; TCP keepalives let it notice a vanished server."""
+        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
+        options = {**LISTENER_CONNECT_OPTIONS, "application_name": application_name, **cparams}
+        conn = self.engine.dialect.connect(*cargs, **options, autocommit=True)
+        try:
+            conn.execute(f"LISTEN {wake.CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _task_insert(self) -> Any:
         """INSERT for one new task (PostgreSQL: run_at and created_at by the database clock)."""
@@ -707,7 +875,13 @@ class Store:
     # -- the supervisor's side -------------------------------------------------------
 
     def register_supervisor(
-        self, node: str, pid: int, pid_start_time: float, desired_workers: int, version: str
+        self,
+        node: str,
+        pid: int,
+        pid_start_time: float,
+        desired_workers: int,
+        version: str,
+        heartbeat_timeout: float | None = None,
     ) -> int:
         now = self._now()
         statement = (
@@ -721,6 +895,8 @@ class Store:
                 desired_workers=desired_workers,
                 status="running",
                 version=version,
+                heartbeat_timeout=heartbeat_timeout,
+                crash_streak=0,
             )
             .returning(supervisors.c.id)
         )
@@ -766,8 +942,16 @@ class Store:
             )
         return True
 
-    def record_heartbeats(self, supervisor_id: int, workers: Mapping[int, WorkerStats]) -> set[int]:
-        """Stamp the supervisor and all its live workers: one statement per table.
+    def record_heartbeats(
+        self,
+        supervisor_id: int,
+        workers: Mapping[int, WorkerStats],
+        crash_streak: int = 0,
+        crash_reason: str | None = None,
+        desired_workers: int | None = None,
+    ) -> set[int]:
+        """Stamp the supervisor (with its crash streak) and all its live workers: one statement
+        per table.
 
         Returns the workers another node has declared lost meanwhile (their rows are no
         longer active): their tasks were rescued, and they must not go on. A supervisor
@@ -784,6 +968,9 @@ class Store:
                         (supervisors.c.status == "dead", "running"), else_=supervisors.c.status
                     ),
                     stopped_at=None,
+                    crash_streak=crash_streak,
+                    crash_reason=crash_reason,
+                    desired_workers=func.coalesce(desired_workers, supervisors.c.desired_workers),
                 )
             )
             if not workers:
@@ -859,12 +1046,15 @@ class Store:
     def rescue_stale_tasks(self, heartbeat_timeout: float) -> tuple[list[Rescued], list[int]]:
         """Rescue the tasks of workers silent for heartbeat_timeout (database clock), any node.
 
-        Returns the rescued tasks and the ids of the workers declared lost.
+        Returns the rescued tasks and the ids of the workers declared lost; nothing while
+        another node's maintenance holds the lock (it is doing the same).
         """
         cutoff = self._now(-heartbeat_timeout)
         stale = sa.and_(task_workers.c.is_active, task_workers.c.last_heartbeat < cutoff)
         error = f"worker lost: no heartbeat for more than {heartbeat_timeout:g} s"
         with self._write() as conn:
+            if not self._maintenance_lock(conn):
+                return [], []
             lost = list(
                 conn.execute(
                     update(task_workers)
@@ -1054,6 +1244,114 @@ class Store:
             "supervisors": removed_supervisors,
         }
 
+    def activity(self, failures: int = 5) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The running tasks with their progress, and the latest failed tasks (newest first)."""
+        with self._read() as conn:
+            running = conn.execute(
+                select(
+                    tasks.c.id,
+                    tasks.c.task_type,
+                    tasks.c.worker_id,
+                    tasks.c.started_at,
+                    tasks.c.progress_percentage,
+                    tasks.c.current_step,
+                    tasks.c.progress_message,
+                ).where(tasks.c.status == RUNNING)
+            ).mappings()
+            failed = conn.execute(
+                select(tasks.c.id, tasks.c.task_type, tasks.c.completed_at, tasks.c.last_error)
+                .where(tasks.c.status == FAILED)
+                .order_by(tasks.c.completed_at.desc())
+                .limit(failures)
+            ).mappings()
+            return [dict(row) for row in running], [dict(row) for row in failed]
+
+    def health(self, failure_window: float) -> HealthFacts:
+        """What `taskherd health` judges: the health views, plus the tasks that finished within
+        the last failure_window seconds and the running tasks past their timeout."""
+        with self._read() as conn:
+            now = self._clock(conn)
+            sups = conn.execute(sa.text("SELECT * FROM supervisor_health ORDER BY supervisor_id"))
+            wks = conn.execute(sa.text("SELECT * FROM worker_health ORDER BY worker_id"))
+            queues = conn.execute(sa.text("SELECT * FROM queue_health ORDER BY queue"))
+            facts = HealthFacts(
+                now=now,
+                supervisors=[dict(row) for row in sups.mappings()],
+                workers=[dict(row) for row in wks.mappings()],
+                queues=[dict(row) for row in queues.mappings()],
+            )
+            since = self._now(-failure_window)
+            finished = conn.execute(
+                select(tasks.c.status, func.count())
+                .where(tasks.c.status.in_((COMPLETED, FAILED)), tasks.c.completed_at > since)
+                .group_by(tasks.c.status)
+            ).all()
+            overdue = conn.execute(
+                select(tasks.c.id, tasks.c.worker_id, tasks.c.started_at, tasks.c.timeout).where(
+                    tasks.c.status == RUNNING, tasks.c.timeout.is_not(None)
+                )
+            ).all()
+        counts = {status: count for status, count in finished}
+        facts.completed_recently = counts.get(COMPLETED, 0)
+        facts.failed_recently = counts.get(FAILED, 0)
+        facts.overdue = [
+            (row.id, row.worker_id, (now - row.started_at).total_seconds(), row.timeout)
+            for row in overdue
+            if row.started_at is not None and (now - row.started_at).total_seconds() > row.timeout
+        ]
+        return facts
+
+    def ensure_schema(self) -> int:
+        """init_schema(), unless the schema is already this version (what a supervisor's boot
+        calls). So a node starting beside busy ones takes no DDL locks: even CREATE INDEX IF
+        NOT EXISTS on an existing index takes a SHARE lock on its table, which waits for the
+        other nodes' writes, stalls the ones behind it, and can deadlock with them."""
+        with self._read() as conn:
+            found = self._version(conn)
+        return SCHEMA_VERSION if found == SCHEMA_VERSION else self.init_schema()
+
+    def _maintenance_lock(self, conn: Connection) -> bool:
+        """Take the maintenance lock for this transaction; False if another node holds it.
+
+        SQLite: always True; its write lock already lets one writer in at a time, and one
+        file has one host.
+        """
+        if self.is_sqlite:
+            return True
+        return bool(conn.execute(MAINTENANCE_LOCK).scalar_one())
+
+    def purge_finished(self, older_than: float, batch: int = PURGE_BATCH) -> dict[str, int] | None:
+        """The periodic purge (`run --purge-after`): what `purge` deletes with the default
+        statuses, at most `batch` rows per table, under the maintenance lock.
+
+        Returns the rows deleted per table, or None if another node's maintenance holds the
+        lock.
+        """
+        cutoff = self._now(-older_than)
+        targets = (
+            ("tasks", tasks, sa.and_(tasks.c.status.in_(FINISHED), tasks.c.completed_at < cutoff)),
+            (
+                "workers",
+                task_workers,
+                sa.and_(~task_workers.c.is_active, task_workers.c.stopped_at < cutoff),
+            ),
+            (
+                "supervisors",
+                supervisors,
+                sa.and_(
+                    supervisors.c.status.in_(("stopped", "dead")), supervisors.c.stopped_at < cutoff
+                ),
+            ),
+        )
+        removed: dict[str, int] = {}
+        with self._write() as conn:
+            if not self._maintenance_lock(conn):
+                return None
+            for name, table, old in targets:
+                oldest = select(table.c.id).where(old).limit(batch).scalar_subquery()
+                removed[name] = conn.execute(table.delete().where(table.c.id.in_(oldest))).rowcount
+        return removed
+
     def snapshot(self) -> dict[str, Any]:
         """What `taskherd status` shows: live supervisors, their workers, queue depths."""
         with self._read() as conn:
@@ -1094,3 +1392,16 @@ class Store:
             "queues": queues,
             "totals": {status: count for status, count in finished},
         }
+
+    def task_counts(self, queues: Sequence[str] = ()) -> tuple[int, int]:
+        """(running, pending) tasks in these queues (all when empty): the systemd STATUS line."""
+
+        def count(status: str) -> Any:
+            where = [tasks.c.status == status]
+            if queues:
+                where.append(tasks.c.queue.in_(queues))
+            return select(func.count()).select_from(tasks).where(*where).scalar_subquery()
+
+        with self._read() as conn:
+            running, pending = conn.execute(select(count(RUNNING), count(PENDING))).one()
+        return int(running), int(pending)

@@ -12,7 +12,11 @@ from sqlalchemy import Connection
 from workers import registry
 from workers.store import NewTask, Store
 
-MAX_PAYLOAD_BYTES = 1024 * 1024
+MAX_PAYLOAD_BYTES = 1024 * 1024  # the default limit on a payload's JSON text
+# What the columns hold (INTEGER on both engines) and what is sane to ask for.
+MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
+MAX_RETRIES = 1000
+MAX_SECONDS = 10 * 365 * 86400  # the longest delay or timeout: ten years
 
 
 class InvalidTask(ValueError):
@@ -112,15 +116,21 @@ class TaskQueue:
         if timeout is None and spec is not None:
             timeout = spec.timeout
         _check(bool(queue) and isinstance(queue, str), "a queue name must be a non-empty string")
-        _check(_is_int(priority), f"priority must be an integer, not {priority!r}")
         _check(
-            _is_int(max_retries) and max_retries >= 0,
-            f"max_retries must be 0 or more, not {max_retries!r}",
+            _is_int(priority) and MIN_PRIORITY <= priority <= MAX_PRIORITY,
+            f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}, not {priority!r}",
         )
-        _check(_is_finite(delay) and delay >= 0, f"delay must be 0 or more seconds, not {delay!r}")
         _check(
-            timeout is None or (_is_finite(timeout) and timeout > 0),
-            f"timeout must be more than 0 seconds, not {timeout!r}",
+            _is_int(max_retries) and 0 <= max_retries <= MAX_RETRIES,
+            f"max_retries must be from 0 to {MAX_RETRIES}, not {max_retries!r}",
+        )
+        _check(
+            _is_finite(delay) and 0 <= delay <= MAX_SECONDS,
+            f"delay must be from 0 to {MAX_SECONDS} seconds, not {delay!r}",
+        )
+        _check(
+            timeout is None or (_is_finite(timeout) and 0 < timeout <= MAX_SECONDS),
+            f"timeout must be more than 0 and at most {MAX_SECONDS} seconds, not {timeout!r}",
         )
         _check(
             unique_key is None or (isinstance(unique_key, str) and unique_key != ""),
@@ -143,6 +153,8 @@ class TaskQueue:
             text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as error:
             raise InvalidTask(f"the payload is not JSON: {error}") from error
+        except RecursionError:
+            raise InvalidTask("the payload is nested too deeply") from None
         size = len(text.encode("utf-8"))
         if size > self.max_payload_bytes:
             raise InvalidTask(

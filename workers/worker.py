@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +31,9 @@ from workers import registry
 from workers.backoff import retry_delay
 from workers.context import Cancelled, TaskContext
 from workers.logs import configure_logging
-from workers.resilience import persistently
+from workers.resilience import Outage, persistently
 from workers.store import CANCELLED, TRANSIENT_ERRORS, Claim, LostClaim, Store, StoreError
+from workers.wake import IdleWait
 
 POLL_INTERVAL = 1.0  # seconds between two looks at an empty queue
 LIVENESS_INTERVAL = 0.25  # seconds between two stamps of the liveness proof
@@ -60,6 +62,9 @@ class SharedState(ctypes.Structure):
         ("task_timeout", ctypes.c_double),  # seconds the current task may run; 0: no limit
         ("task_deadline", ctypes.c_double),  # time.monotonic() past which it is killed
         ("cancel_task", ctypes.c_int64),  # set by the supervisor: this task's cancel was asked
+        # 1 while the worker looks for work (claiming, then waiting on its wake pipe): the
+        # supervisor pokes such workers when tasks are enqueued, and clears it as it pokes.
+        ("wants_work", ctypes.c_int64),
     ]
 
 
@@ -87,6 +92,7 @@ class WorkerArgs:
     max_memory_mb: float | None = None
     shared_fd: int = -1
     stack_fd: int = -1  # where faulthandler writes every thread's stack on SIGUSR1
+    wake_fd: int = -1  # the read end of the pipe the supervisor pokes when tasks are enqueued
     sys_path: tuple[str, ...] = ()
 
     def to_json(self) -> str:
@@ -124,9 +130,14 @@ def main(args: WorkerArgs, shared: SharedState) -> None:
     ).start()
     try:
         registry.import_modules(args.imports)
-        store = Store(args.database_url)
+        # booting into a database outage is no boot failure: wait for it (or for a stop)
+        store = persistently(
+            lambda: Store(args.database_url), what="connect", log=log, until=shutdown
+        )
     except BOOT_ERRORS as error:
         log.error("worker.boot_failed", error=str(error))
+        if args.stack_fd >= 0:  # the supervisor puts it in the exit reason
+            os.pwrite(args.stack_fd, str(error).encode("utf-8", "replace"), 0)
         sys.exit(EXIT_BOOT_FAILURE)
     log.info("Background worker started", queues=list(args.queues) or "*")
     worker = Worker(store, args, shared, shutdown, log)
@@ -166,6 +177,8 @@ class Worker:
         self.shared = shared
         self.shutdown = shutdown
         self.log = log
+        self.outage = Outage()  # this process's view of the database: one log line per outage
+        self.idle = IdleWait(args.wake_fd)
         self._runner: asyncio.Runner | None = None
         rng = random.Random()
         self.max_tasks = (
@@ -181,10 +194,12 @@ class Worker:
         """Work until shutdown is set or it is time to recycle; a task in flight is finished
         first. Returns the exit code."""
         while not self.shutdown.is_set():
+            self.shared.wants_work = 1  # before the claim: a task committed after it pokes us
             claims = self.claim()
             if not claims:
-                self.shutdown.wait(self.args.poll_interval)
+                self.idle.wait(self.args.poll_interval, self.shutdown)
                 continue
+            self.shared.wants_work = 0
             for claim in claims:
                 self.run_task(claim)
             recycle = self.recycle_code()
@@ -207,6 +222,7 @@ class Worker:
     def close(self) -> None:
         if self._runner is not None:
             self._runner.close()
+        self.idle.close()
 
     def claim(self) -> list[Claim]:
         """Claim the next task, riding out database outages until shutdown."""
@@ -215,10 +231,22 @@ class Worker:
                 lambda: self.store.claim_tasks(self.args.worker_id, self.args.queues, 1),
                 log=self.log,
                 what="claim",
+                outage=self.outage,
                 until=self.shutdown,
             )
         except TRANSIENT_ERRORS:
             return []  # shutdown came during an outage
+
+    def _hold_timeout(self) -> Callable[[float], None]:
+        """Suspend the task's timeout while a handler's write waits on the database; the
+        returned release restores it, later by the seconds the database was unavailable."""
+        deadline, self.shared.task_deadline = float(self.shared.task_deadline), 0.0
+
+        def release(unavailable: float) -> None:
+            if deadline:
+                self.shared.task_deadline = deadline + unavailable
+
+        return release
 
     def run_task(self, claim: Claim) -> None:
         """Run one claimed task to its end and record the outcome, fenced on the claim."""
@@ -258,6 +286,9 @@ class Worker:
             claim,
             self.shutdown,
             cancel_signal=lambda: self.shared.cancel_task == claim.id,
+            log=log,
+            outage=self.outage,
+            hold_timeout=self._hold_timeout,
         )
         try:
             if spec.is_async:
@@ -287,10 +318,12 @@ class Worker:
             return
         duration = time.monotonic() - started
         progress = ctx.take_unwritten_progress()
+        self.shared.task_deadline = 0.0  # the handler is done: a slow write is no timeout
         persistently(
             lambda: self.store.complete_task(claim, result, duration, progress),
             log=log,
             what="complete",
+            outage=self.outage,
         )
         log.info("task.completed", duration=round(duration, 6))
 
@@ -310,6 +343,7 @@ class Worker:
         delay = retry_delay(claim.attempts, base)
         duration = time.monotonic() - started
         progress = ctx.take_unwritten_progress() if ctx else None
+        self.shared.task_deadline = 0.0  # the handler is done: a slow write is no timeout
         status = persistently(
             lambda: self.store.fail_task(
                 claim,
@@ -322,6 +356,7 @@ class Worker:
             ),
             log=log,
             what="fail",
+            outage=self.outage,
         )
         self.shared.failed += 1
         first_line = error.splitlines()[0] if error else ""

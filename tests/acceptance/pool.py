@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +39,19 @@ class Pool:
         database_url: str,
         workdir: Path,
         *,
-        workers: int = 2,
+        workers: int | None = 2,  # None: no -w flag (the config file or env decides)
         node: str = "alpha",
         options: dict[str, str] | None = None,
         extra: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),  # runs the supervisor under it: ("ip", "netns", "exec", NS)
     ) -> None:
         self.database_url = database_url
         self.workdir = workdir
         shutil.copy(SAMPLE_TASKS, workdir / "sample_tasks.py")
         settings = {**FAST, **(options or {})}
         argv = [
+            *prefix,
             sys.executable,
             "-m",
             "supervisor",
@@ -57,8 +60,7 @@ class Pool:
             "--log-format",
             "json",
             "run",
-            "-w",
-            str(workers),
+            *(["-w", str(workers)] if workers is not None else []),
             "-i",
             "sample_tasks",
             "--node",
@@ -70,7 +72,12 @@ class Pool:
         self.log_path = workdir / f"supervisor-{node}-{os.urandom(3).hex()}.log"
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            argv, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **env} if env is not None else None,  # extra variables
         )
         self.store = Store(database_url)
         self.queue = TaskQueue(database_url, store=self.store)

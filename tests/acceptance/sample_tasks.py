@@ -90,3 +90,16 @@ def stubborn(ctx: Any, payload: dict[str, Any]) -> None:
     """Ignores cancellation."""
     Path(payload["started"]).touch()
     time.sleep(60)
+
+
+@task("hog", max_retries=0)
+def hog(ctx: Any, payload: dict[str, Any]) -> None:
+    """Moves its worker into a memory-limited cgroup, then allocates until the kernel's OOM
+    killer ends the process."""
+    Path(payload["cgroup_procs"]).write_text(str(os.getpid()))
+    chunks = []
+    for _ in range(1000):  # 10 GB at most: far past any limit the test sets
+        chunk = bytearray(10 * 2**20)
+        chunk[::4096] = b"\1" * len(chunk[::4096])  # touch every page
+        chunks.append(chunk)
+    raise RuntimeError("the memory limit never hit")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -119,6 +121,29 @@ def test_database_url_from_environment_and_config_file(sqlite_url: str, tmp_path
     config.write_text(f'database_url = "{sqlite_url}"\n', encoding="utf-8")
     assert "noop" in ok("--config", str(config), "tasks")
     assert "noop" in ok("tasks", env=clean_env(TASKHERD_CONFIG=str(config)))
+
+
+def test_config_prints_every_setting_where_it_came_from_and_no_password(tmp_path: Path) -> None:
+    config = tmp_path / "taskherd.toml"
+    config.write_text('workers = 6\nqueues = ["mail"]\n', encoding="utf-8")
+    env = clean_env(TASKHERD_CONFIG=str(config), TASKHERD_POLL_INTERVAL="0.5")
+    url = "postgresql://me:s3cret@db.example:5432/jobs"
+    shown = json.loads(ok("--db", url, "config", "--json", env=env))
+
+    settings = {row["name"]: row for row in shown["settings"]}
+    assert shown["config_file"] == str(config)
+    assert settings["database_url"]["source"] == "flag --db"
+    assert settings["database_url"]["value"] == "postgresql://me:***@db.example:5432/jobs"
+    assert settings["workers"] == {
+        "name": "workers", "value": 6, "source": f"file {config}", "env": "TASKHERD_WORKERS"
+    }  # fmt: skip
+    assert settings["queues"]["value"] == ["mail"]
+    assert settings["poll_interval"]["value"] == 0.5
+    assert settings["poll_interval"]["source"] == "env TASKHERD_POLL_INTERVAL"
+    assert settings["graceful_timeout"]["source"] == "default"
+    text = ok("--db", url, "config", env=env)
+    assert "s3cret" not in text
+    assert re.search(r"^workers +6 +file ", text, re.MULTILINE)
 
 
 def test_enqueue_prints_the_new_id_with_every_option(sqlite_url: str, tmp_path: Path) -> None:
@@ -249,6 +274,7 @@ class Bad:
     stdin: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     missing_db: bool = False  # {db} names a file that must still not exist afterwards
+    prepare: str | None = None  # "newer": a schema from a later taskherd; "readonly": the file
 
 
 BAD_INPUTS = [
@@ -304,13 +330,84 @@ BAD_INPUTS = [
         "unknown key 'colour'"),
     Bad("wrong type in config file", ("--db", "{db}", "--config", "{dir}/typed.toml", "tasks"),
         "must be a whole number"),
+    # sizes and nesting
+    Bad("payload over the default limit", ("--db", "{db}", "enqueue", "add", "--payload-file",
+                                           "{dir}/big.json"), "over the limit of 1048576 bytes"),
+    Bad("payload over a configured limit", ("--db", "{db}", "enqueue", "add", "--payload",
+                                            '{"a": "0123456789"}'), "over the limit of 10 bytes",
+        env=(("TASKHERD_MAX_PAYLOAD_BYTES", "10"),)),
+    Bad("payload limit out of range", ("--db", "{db}", "enqueue", "add",
+                                       "--max-payload-bytes", "0"), "--max-payload-bytes"),
+    Bad("payload nested too deeply", ("--db", "{db}", "enqueue", "add", "--payload-file",
+                                      "{dir}/deep.json"), "nested too deeply"),
+    Bad("batch line over the limit", ("--db", "{db}", "enqueue", "add", "--batch", "-"),
+        "line 2: the payload is", stdin='{"a": 1}\n{"a": "' + "x" * 30 + '"}\n',
+        env=(("TASKHERD_MAX_PAYLOAD_BYTES", "20"),)),
+    # numbers out of range: every count and interval
+    Bad("priority too large", ("--db", "{db}", "enqueue", "add", "--priority", "99999999999"),
+        "--priority"),
+    Bad("too many retries", ("--db", "{db}", "enqueue", "add", "--max-retries", "1001"),
+        "--max-retries"),
+    Bad("delay too long", ("--db", "{db}", "enqueue", "add", "--delay", "1e12"), "--delay"),
+    Bad("timeout too long", ("--db", "{db}", "enqueue", "add", "--timeout", "inf"), "--timeout"),
+    Bad("task id too large", ("--db", "{db}", "show", "99999999999999999999"), "ID"),
+    Bad("limit too large", ("--db", "{db}", "tasks", "--limit", "100000000"), "--limit"),
+    Bad("too many workers", ("--db", "{db}", "run", "-w", "5000"), "--workers"),
+    Bad("zero heartbeat interval", ("--db", "{db}", "run", "--heartbeat-interval", "0"),
+        "--heartbeat-interval"),
+    Bad("worker timeout too long", ("--db", "{db}", "run", "--worker-timeout", "1e9"),
+        "--worker-timeout"),
+    Bad("negative graceful timeout", ("--db", "{db}", "run", "--graceful-timeout", "-1"),
+        "--graceful-timeout"),
+    Bad("cancel grace not finite", ("--db", "{db}", "run", "--cancel-grace", "nan"),
+        "--cancel-grace"),
+    Bad("zero tasks per worker", ("--db", "{db}", "run", "--max-tasks-per-worker", "0"),
+        "--max-tasks-per-worker"),
+    Bad("negative memory limit", ("--db", "{db}", "run", "--max-memory-per-worker", "-5"),
+        "--max-memory-per-worker"),
+    Bad("heartbeat timeout not past the interval", ("--db", "{db}", "run", "--heartbeat-interval",
+                                                    "5", "--heartbeat-timeout", "5"),
+        "must be longer than the heartbeat interval"),
+    Bad("failure rate over 1", ("--db", "{db}", "health", "--failure-rate-warning", "1.5"),
+        "--failure-rate-warning"),
+    Bad("warning past critical", ("--db", "{db}", "health", "--pending-age-warning", "100",
+                                  "--pending-age-critical", "50"), "must not be more than"),
+    Bad("zero watch interval", ("--db", "{db}", "status", "--watch", "--interval", "0"),
+        "--interval"),
+    # the database itself
+    Bad("schema from a newer taskherd", ("--db", "{db}", "enqueue", "add"), "newer than this",
+        prepare="newer"),
+    Bad("newer schema for init-db", ("--db", "{db}", "init-db"), "upgrade taskherd",
+        prepare="newer"),
+    Bad("read-only database file", ("--db", "{db}", "enqueue", "add"), "is read-only",
+        prepare="readonly"),
 ]  # fmt: skip
 
 CONFIG_FILES = {
     "broken.toml": "workers = \n",
     "unknown.toml": "colour = 'blue'\n",
     "typed.toml": "workers = '4'\n",
+    "big.json": '{"blob": "' + "x" * 2**20 + '"}',
+    "deep.json": "[" * 100_000 + "]" * 100_000,
 }
+
+
+def prepare(db_path: Path, how: str | None) -> None:
+    """Make the case's database newer than this taskherd, or read-only (even for root)."""
+    if how == "newer":
+        with sqlite3.connect(db_path) as conn:
+            conn.execute("UPDATE schema_version SET version = 99")
+        conn.close()
+    elif how == "readonly":
+        if os.geteuid() == 0:  # root writes through file modes: make the file immutable
+            subprocess.run(["chattr", "+i", str(db_path)], check=True)
+        else:
+            db_path.chmod(0o400)
+
+
+def unprepare(db_path: Path, how: str | None) -> None:
+    if how == "readonly" and os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(db_path)], check=True)
 
 
 @dataclass
@@ -347,6 +444,7 @@ def bad_outcomes(
         db_path = workdir / ("absent.db" if case.missing_db else "taskherd.db")
         if not case.missing_db:
             shutil.copy(template_db, db_path)
+            prepare(db_path, case.prepare)
         (workdir / "notes.txt").write_text("not a database, just some notes\n" * 50)
         for name, text in CONFIG_FILES.items():
             (workdir / name).write_text(text, encoding="utf-8")
@@ -368,7 +466,11 @@ def bad_outcomes(
     for case, db_path, process in running:
         stdout, stderr = process.communicate(case.stdin or "", timeout=60)
         outcomes[case.name] = Outcome(case, db_path, process.returncode, stderr, stdout)
-    yield outcomes
+    try:
+        yield outcomes
+    finally:
+        for case, db_path, _process in running:
+            unprepare(db_path, case.prepare)
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[case.name for case in BAD_INPUTS])

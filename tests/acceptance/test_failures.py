@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 
 from tests.acceptance.pool import Pool
 from tests.helpers import wait_until
@@ -57,3 +62,48 @@ def test_task_past_its_timeout_is_killed_and_retried_by_policy(start_pool: Start
     timed_out = [e for e in pool.events() if e.get("event") == "task.timed_out"]
     assert [e["task_id"] for e in timed_out] == [task_id] * (retries + 1)
     wait_until(lambda: len(pool.active_workers()) == 1, 5, message="no replacement worker")
+
+
+def memory_cgroup(tmp_name: str, limit_bytes: int) -> Path | None:
+    """A child of this process's memory cgroup with a hard limit (cgroup v1 or v2), or None."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):  # v1
+            base, limit_file = (
+                Path("/sys/fs/cgroup/memory") / path.lstrip("/"),
+                "memory.limit_in_bytes",
+            )
+            break
+    else:  # v2: one unified hierarchy
+        path = Path("/proc/self/cgroup").read_text().strip().rpartition(":")[2]
+        base, limit_file = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max"
+    child = base / tmp_name
+    try:
+        child.mkdir()
+        (child / limit_file).write_text(str(limit_bytes))
+    except OSError:
+        with contextlib.suppress(OSError):
+            child.rmdir()
+        return None
+    return child
+
+
+def test_a_worker_killed_by_the_oom_killer_is_named_so(start_pool: StartPool) -> None:
+    cgroup = memory_cgroup(f"taskherd-oom-{os.getpid()}", 200 * 2**20)
+    if cgroup is None:
+        if os.environ.get("CI"):
+            pytest.fail("cannot create a memory cgroup to run the OOM killer in")
+        pytest.skip("cannot create a memory cgroup here (needs root and a memory controller)")
+    try:
+        pool = start_pool(workers=1)
+        procs = str(cgroup / "cgroup.procs")
+        task_id = pool.queue.enqueue("hog", {"cgroup_procs": procs}, max_retries=0)
+        wait_until(lambda: pool.task(task_id)["status"] == "failed", 60)
+        [entry] = json.loads(pool.task(task_id)["error_history"])
+        assert "killed by the kernel's OOM killer (SIGKILL): out of memory" in entry["error"]
+        exited = [e for e in pool.events() if e.get("event") == "worker.exited"]
+        assert "OOM killer" in exited[0]["exit_reason"]
+        wait_until(lambda: len(pool.active_workers()) == 1, 10, message="no replacement worker")
+    finally:
+        wait_until(lambda: not (cgroup / "cgroup.procs").read_text().strip(), 10)
+        cgroup.rmdir()

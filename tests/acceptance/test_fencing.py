@@ -15,7 +15,7 @@ StartPool = Callable[..., Pool]
 
 
 def test_paused_node_cannot_overwrite_a_rescued_task_and_rejoins(start_pool: StartPool) -> None:
-    options = {"--heartbeat-timeout": "2", "--worker-timeout": "60"}
+    options = {"--heartbeat-timeout": "3", "--worker-timeout": "60"}
     alpha = start_pool(workers=1, node="alpha", options=options)
     task_id = alpha.queue.enqueue("sleep", {"seconds": 3})
     paused_worker = alpha.running_task(task_id)["worker_id"]

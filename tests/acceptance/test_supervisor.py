@@ -175,7 +175,7 @@ def test_second_sigint_stops_at_once(start_pool: StartPool) -> None:
 def test_stale_node_tasks_rescued_after_heartbeat_timeout(
     start_pool: StartPool, sqlite_url: str
 ) -> None:
-    heartbeat_timeout = 2.0
+    heartbeat_timeout = 3.0
     ghost = Store(sqlite_url)
     ghost_supervisor = ghost.register_supervisor("ghost", 999_999, 0.0, 1, "0")
     ghost_worker = ghost.register_worker(ghost_supervisor, "ghost", [])

@@ -92,6 +92,14 @@ def table_columns(store: Store, table: str) -> set[str]:
         return {column["name"] for column in sa.inspect(conn).get_columns(table)}
 
 
+HEALTH_VIEWS = ("supervisor_health", "worker_health", "queue_health")  # dependents first
+
+
+def rows_of(store: Store, view: str) -> list[dict[str, Any]]:
+    with store.engine.connect() as conn:
+        return [dict(row) for row in conn.execute(sa.text(f"SELECT * FROM {view}")).mappings()]
+
+
 def version_rows(store: Store) -> list[int]:
     with store.engine.connect() as conn:
         return list(conn.execute(select(schema_version.c.version)).scalars())
@@ -101,17 +109,21 @@ def version_rows(store: Store) -> list[int]:
 
 
 def test_init_schema_twice_is_harmless_and_reports_the_version(store: Store) -> None:
-    assert SCHEMA_VERSION == 2
-    assert store.init_schema() == 2
-    assert store.init_schema() == 2
-    assert version_rows(store) == [2]
+    assert SCHEMA_VERSION == 3
+    assert store.init_schema() == 3
+    assert store.init_schema() == 3
+    assert version_rows(store) == [3]
     store.check_schema()
 
 
 def test_init_schema_upgrades_a_version_1_schema(store: Store) -> None:
     worker = store.register_worker(store.register_supervisor("n", 1, 0.0, 1, "0"), "n", [])
     with store.engine.begin() as conn:  # what a version 1 database looked like
+        for view in HEALTH_VIEWS:
+            conn.exec_driver_sql(f"DROP VIEW {view}")
         conn.exec_driver_sql("ALTER TABLE task_workers DROP COLUMN rss_mb")
+        for column in ("heartbeat_timeout", "crash_streak", "crash_reason"):
+            conn.exec_driver_sql(f"ALTER TABLE supervisors DROP COLUMN {column}")
         conn.execute(update(schema_version).values(version=1))
     with pytest.raises(BadDatabase, match="run `taskherd init-db` to upgrade"):
         store.check_schema()
@@ -119,6 +131,10 @@ def test_init_schema_upgrades_a_version_1_schema(store: Store) -> None:
     assert store.init_schema() == SCHEMA_VERSION
     store.check_schema()
     assert "rss_mb" in table_columns(store, "task_workers")
+    assert {"heartbeat_timeout", "crash_streak", "crash_reason"} <= table_columns(
+        store, "supervisors"
+    )
+    assert rows_of(store, "supervisor_health")[0]["crash_streak"] == 0  # views back, up to date
     assert version_rows(store) == [SCHEMA_VERSION]
     with store.engine.connect() as conn:
         ids = conn.execute(select(store_tables.task_workers.c.id)).scalars().all()
@@ -132,6 +148,9 @@ def test_init_schema_keeps_existing_rows(store: Store) -> None:
 
 
 def test_init_schema_on_an_empty_database_creates_everything(store: Store) -> None:
+    with store.engine.begin() as conn:
+        for view in HEALTH_VIEWS:
+            conn.exec_driver_sql(f"DROP VIEW {view}")
     metadata.drop_all(store.engine)
     with pytest.raises(BadDatabase, match="init-db"):
         store.check_schema()
@@ -309,3 +328,24 @@ def test_postgresql_claim_query_uses_a_claim_index(postgres_url: str, queues: li
     text = "\n".join(plan)
     assert any(index in text for index in CLAIM_INDEXES), text
     assert "Seq Scan on tasks" not in text, text
+
+
+@pytest.mark.parametrize(("query", "expected"), [("", 1), ("?synchronous=FULL", 2)])
+def test_sqlite_durability_is_chosen_in_the_url(tmp_path: Path, query: str, expected: int) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'd.db'}{query}", create=True)
+    try:
+        store.init_schema()
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == expected  # 1 NORMAL
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        store.dispose()
+
+
+@pytest.mark.parametrize("query", ["?synchronous=OFF", "?cache=shared"])
+def test_sqlite_url_parameters_that_would_lose_data_or_mean_nothing_are_refused(
+    tmp_path: Path, query: str
+) -> None:
+    with pytest.raises(BadDatabase):
+        Store(f"sqlite:///{tmp_path / 'd.db'}{query}", create=True)
+    assert not (tmp_path / "d.db").exists()

@@ -40,6 +40,8 @@ def test_defaults_are_the_supervisor_constants() -> None:
         ("poll_interval", "0.5", "0.25", "poll_interval = 2", (0.5, 0.25, 2.0)),
         ("graceful_timeout", "0", "4", "graceful_timeout = 9.5", (0.0, 4.0, 9.5)),
         ("node", "a", "b", 'node = "c"', ("a", "b", "c")),
+        ("purge_after", "7d", "90m", 'purge_after = "12h"', (604800.0, 5400.0, 43200.0)),
+        ("purge_after", "30", "1.5s", "purge_after = 60", (30.0, 1.5, 60.0)),
         ("log_level", "debug", "WARNING", 'log_level = "error"', ("debug", "warning", "error")),
         (
             "database_url",
@@ -98,20 +100,30 @@ def test_environment_twins_follow_the_documented_names() -> None:
         "TASKHERD_CANCEL_GRACE",
         "TASKHERD_MAX_TASKS_PER_WORKER",
         "TASKHERD_MAX_MEMORY_PER_WORKER",
+        "TASKHERD_WAKE_UP",
+        "TASKHERD_MAX_PAYLOAD_BYTES",
+        "TASKHERD_PENDING_AGE_WARNING",
+        "TASKHERD_PENDING_AGE_CRITICAL",
+        "TASKHERD_FAILURE_RATE_WARNING",
+        "TASKHERD_FAILURE_RATE_CRITICAL",
+        "TASKHERD_FAILURE_WINDOW",
+        "TASKHERD_PURGE_AFTER",
     }
 
 
 @pytest.mark.parametrize(
     ("flags", "environ", "message"),
     [
-        ({"workers": "0"}, {}, "--workers: must be at least 1"),
+        ({"workers": "0"}, {}, "--workers: must be from 1 to 1024 workers"),
         ({"workers": "two"}, {}, "--workers: must be a whole number"),
-        ({}, {"TASKHERD_WORKERS": "-3"}, "TASKHERD_WORKERS: must be at least 1"),
+        ({}, {"TASKHERD_WORKERS": "-3"}, "TASKHERD_WORKERS: must be from 1 to 1024"),
         ({"poll_interval": "-1"}, {}, "--poll-interval: must be more than 0"),
         ({}, {"TASKHERD_HEARTBEAT_TIMEOUT": "soon"}, "must be a number of seconds"),
         ({"worker_timeout": "nan"}, {}, "must be a finite number"),
         ({"graceful_timeout": "-0.5"}, {}, "must be 0 or more"),
         ({"log_format": "xml"}, {}, "must be one of console, json"),
+        ({"purge_after": "soon"}, {}, "--purge-after: must be a duration like 90s"),
+        ({}, {"TASKHERD_PURGE_AFTER": "0d"}, "TASKHERD_PURGE_AFTER: must be more than 0"),
         ({}, {"TASKHERD_LOG_LEVEL": "loud"}, "must be one of debug"),
         ({"queues": ["a,,b"]}, {}, "names must not be empty"),
         ({"database_url": "mysql://u:pw@h/db"}, {}, "unsupported database URL scheme"),
@@ -134,7 +146,7 @@ def test_bad_values_are_refused_naming_their_source(
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("workers = 0\n", "workers in .*: must be at least 1"),
+        ("workers = 0\n", "workers in .*: must be from 1 to 1024"),
         ('workers = "4"\n', "workers in .*: must be a whole number"),
         ("workers = 2.5\n", "must be a whole number"),
         ("poll_interval = true\n", "must be a number of seconds"),

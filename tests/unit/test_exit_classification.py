@@ -17,10 +17,19 @@ def test_clean_exit() -> None:
     assert classify_exit(0, None) == "exited cleanly"
 
 
-def test_sigkill_names_the_signal_and_suggests_oom() -> None:
+def test_sigkill_names_the_signal_and_suggests_oom_when_the_kernel_log_is_unreadable() -> None:
     reason = classify_exit(-signal.SIGKILL, None)
     assert "SIGKILL" in reason
     assert "out of memory" in reason
+
+
+def test_sigkill_by_the_oom_killer_says_so() -> None:
+    reason = classify_exit(-signal.SIGKILL, None, oom_killed=True)
+    assert reason == "killed by the kernel's OOM killer (SIGKILL): out of memory"
+
+
+def test_sigkill_not_by_the_oom_killer_names_only_the_signal() -> None:
+    assert classify_exit(-signal.SIGKILL, None, oom_killed=False) == "killed by SIGKILL"
 
 
 def test_sigterm_names_the_signal() -> None:
@@ -34,6 +43,11 @@ def test_unknown_signal_number_still_classified() -> None:
 def test_boot_failure() -> None:
     assert EXIT_BOOT_FAILURE == 3
     assert classify_exit(3, None).startswith("could not boot")
+
+
+def test_boot_failure_carries_what_the_worker_reported() -> None:
+    reason = classify_exit(3, None, boot_error="cannot import myapp.tasks: RuntimeError: no")
+    assert reason == "could not boot: cannot import myapp.tasks: RuntimeError: no"
 
 
 def test_orphaned_worker() -> None:

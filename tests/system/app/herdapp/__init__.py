@@ -1,0 +1,1 @@
+"""A small application whose tasks run under the hardened taskherd unit."""
