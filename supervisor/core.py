@@ -37,7 +37,7 @@ from supervisor.process import (
 from supervisor.signals import SignalInbox
 from workers import __version__, registry
 from workers.resilience import Outage
-from workers.store import PURGE_BATCH, TRANSIENT_ERRORS, Rescued, Store, WorkerStats
+from workers.store import PURGE_BATCH, TRANSIENT_ERRORS, Finished, Rescued, Store, WorkerStats
 from workers.worker import EXIT_BOOT_FAILURE, WorkerArgs
 
 HEARTBEAT_INTERVAL = 2.0  # seconds between two heartbeat statements
@@ -68,6 +68,8 @@ class _Retirement:
     stats: WorkerStats
     release: bool  # put its task back without counting the attempt (shutdown kill)
     diagnosis: str | None = None  # the stacks read before a hung or timed-out worker's kill
+    unstarted: tuple[int, ...] = ()  # tasks it claimed and never started: no attempt counted
+    finished: tuple[Finished, ...] = ()  # completions it computed and did not write (journal)
 
 
 class Supervisor:
@@ -391,6 +393,8 @@ class Supervisor:
                     handle.stats(),
                     release=handle.release_tasks,
                     diagnosis=handle.diagnosis,
+                    unstarted=tuple(handle.shared.unstarted_tasks()),
+                    finished=tuple(handle.unwritten_completions()),
                 )
             )
             if not self._stopping:
@@ -442,11 +446,29 @@ class Supervisor:
                     pid=retirement.pid,
                     reason=retirement.exit_reason,
                 )
+            self._wake_for(rescued)
+
+    def _wake_for(self, rescued: list[Rescued]) -> None:
+        """Rescued tasks back in the queue are news nobody announced: wake idle workers."""
+        again = sum(1 for task in rescued if task.status == "pending")
+        if again and not self._stopping:
+            self.wake_idle_workers(again)
 
     def _retire(self, store: Store, retirement: _Retirement) -> list[Rescued]:
         error = f"worker {retirement.worker_id} (pid {retirement.pid}) {retirement.exit_reason}"
         if retirement.diagnosis:
             error = f"{error}\n{retirement.diagnosis}"
+        if retirement.finished:  # done before it died: written now, so they do not run again
+            _claims, lost = store.finish_and_claim(
+                retirement.worker_id, (), retirement.finished, limit=0
+            )
+            written = [f.claim.id for f in retirement.finished if f.claim.id not in lost]
+            self.log.info(
+                "task.completion_written", worker_id=retirement.worker_id, task_ids=written
+            )
+        released = store.release_unstarted(retirement.worker_id, retirement.unstarted)
+        if released:  # claimed in its batch, never started: no attempt counted
+            self.log.info("task.released", worker_id=retirement.worker_id, released=released)
         return store.retire_worker(
             retirement.worker_id,
             exit_code=retirement.exit_code,
@@ -580,6 +602,7 @@ class Supervisor:
                 worker_id=task.worker_id,
                 reason="heartbeat lost",
             )
+        self._wake_for(rescued)
 
     def purge_finished(self) -> None:
         """With purge_after: delete old finished tasks and stopped process rows every

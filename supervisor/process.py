@@ -13,7 +13,7 @@ import time
 import psutil
 
 from supervisor.oom import killed_by_oom
-from workers.store import WorkerStats
+from workers.store import Finished, WorkerStats
 from workers.worker import (
     EXIT_BOOT_FAILURE,
     EXIT_OK,
@@ -23,6 +23,7 @@ from workers.worker import (
     STACK_SIGNAL,
     WorkerArgs,
     map_shared_state,
+    read_journal,
 )
 
 MAX_STACK_BYTES = 64 * 1024
@@ -48,15 +49,17 @@ class WorkerHandle:
         self.retiring = False  # asked to leave after its task (scale down, reload)
         fd = os.memfd_create(f"taskherd-worker-{worker_id}")
         self._stack_fd = os.memfd_create(f"taskherd-stack-{worker_id}")
+        self._journal_fd = os.memfd_create(f"taskherd-journal-{worker_id}")
         wake_fd, self._wake_fd = os.pipe()  # we poke the write end when tasks are enqueued
         os.set_blocking(self._wake_fd, False)
         try:
             self._memory, self.shared = map_shared_state(fd)
             args = dataclasses.replace(args, shared_fd=fd, stack_fd=self._stack_fd, wake_fd=wake_fd)
+            args = dataclasses.replace(args, journal_fd=self._journal_fd)
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "workers"],
                 stdin=subprocess.PIPE,
-                pass_fds=(fd, self._stack_fd, wake_fd),
+                pass_fds=(fd, self._stack_fd, wake_fd, self._journal_fd),
                 text=True,
                 process_group=0,  # a terminal's Ctrl-C reaches the supervisor only
             )
@@ -78,6 +81,7 @@ class WorkerHandle:
         """Release the sentinel and the shared memory of an exited worker."""
         os.close(self.sentinel)
         os.close(self._stack_fd)
+        os.close(self._journal_fd)
         os.close(self._wake_fd)
         del self.shared
         self._memory.close()
@@ -146,6 +150,10 @@ class WorkerHandle:
             self.kill_reason = reason
             self.release_tasks = release
         send_signal(self.pid, signal.SIGKILL)
+
+    def unwritten_completions(self) -> list[Finished]:
+        """Completions the (exited) worker computed and did not write: its journal."""
+        return read_journal(self._journal_fd, int(self.shared.journal_bytes))
 
     def boot_error(self) -> str | None:
         """What a worker that exited with EXIT_BOOT_FAILURE wrote about why (first line)."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -54,6 +56,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 SQLITE_BUSY_TIMEOUT_MS = 5_000
+# The worker's round trip waits for SQLite's write lock in steps of 50 us, doubling up to
+# 100 ms (the driver's own steps are 1, 2, 5, 10, ... 100 ms: too coarse for a lock held for
+# a fraction of a millisecond, and the same once the lock is held for long).
+SQLITE_LOCK_STEP = 0.00005  # seconds
+SQLITE_LOCK_STEP_CAP = 0.1  # seconds
 # SQLite's durability, chosen in the URL (sqlite:///taskherd.db?synchronous=FULL) so every
 # process that opens the file agrees. NORMAL (in WAL mode): a power cut may lose the last
 # commits; FULL: every commit reaches the disk before it returns.
@@ -81,6 +88,7 @@ PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = (
     "failed",
     "cancelled",
 )
+PROGRESS_COLUMNS = ("progress_percentage", "current_step", "total_steps", "progress_message")
 STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 
@@ -227,6 +235,16 @@ class Claim:
     max_attempts: int
     timeout: float | None
     worker_id: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A task its handler completed, whose outcome the worker has yet to write."""
+
+    claim: Claim
+    result: str  # JSON
+    duration: float  # seconds
+    progress: Progress | None = None
 
 
 @dataclass(frozen=True)
@@ -463,6 +481,9 @@ class Store:
                 connect_args=_postgres_connect_args(self.url),
             )
             _install_postgres_settings(self.engine)
+        self._statements: dict[Any, Any] = {}  # the hot path's, built once (_statement)
+        self._kept: Connection | None = None  # the worker's own connection (_round_trip)
+        self._kept_thread: int | None = None  # the thread that opened it (it alone uses it)
         self._open()
 
     def _open(self) -> None:
@@ -477,6 +498,9 @@ class Store:
             raise
 
     def dispose(self) -> None:
+        if self._kept is not None:  # the worker's own connection (_round_trip)
+            self._kept.close()
+            self._kept = None
         self.engine.dispose()
 
     @property
@@ -720,12 +744,208 @@ class Store:
 
     def claim_tasks(self, worker_id: int, queues: Sequence[str], limit: int = 1) -> list[Claim]:
         """Claim up to limit runnable tasks: priority DESC, run_at, id; attempts + 1."""
-        now = self._now()
+        claims, _lost = self.finish_and_claim(worker_id, queues, limit=limit)
+        return claims
+
+    def finish_and_claim(
+        self,
+        worker_id: int,
+        queues: Sequence[str],
+        finished: Sequence[Finished] = (),
+        *,
+        release: Sequence[Claim] = (),
+        limit: int = 1,
+    ) -> tuple[list[Claim], list[int]]:
+        """The worker's one round trip per batch, in one transaction: running -> completed for
+        the finished tasks, running -> pending with the attempt given back for the released
+        (never started) ones, then claim up to limit more (priority DESC, run_at, id).
+
+        Every write is fenced on its claim; returns the new claims and the ids of the tasks
+        whose claim was lost (their outcome is not written)."""
+        now = {"at": datetime.now(UTC)} if self.is_sqlite else {}
+        lost: list[int] = []
+        with self._round_trip() as conn:
+            for with_progress in (False, True):
+                group = [done for done in finished if (done.progress is not None) == with_progress]
+                if group:
+                    lost += self._complete_all(conn, group, with_progress, now)
+            release_statement = self._statement("release", self._release_statement)
+            released = []
+            for claim in release:
+                if conn.execute(release_statement, self._fence_params(claim)).rowcount != 1:
+                    lost.append(claim.id)
+                else:
+                    released.append((claim.queue, claim.id))
+            if released and not self.is_sqlite:  # idle workers take them at once
+                self._notify(conn, wake.payloads(released))
+            rows = []
+            if limit > 0:
+                named = tuple(queues)
+                claim_statement = self._statement(("claim", named), self._claim_statement, named)
+                params = {**now, "claimer": worker_id, "batch": limit}
+                rows = list(conn.execute(claim_statement, params).all())
+        if released and self.is_sqlite:
+            wake.ring(self._wake_dir, wake.payloads(released))
+        rows.sort(key=lambda row: (-row.priority, row.run_at, row.id))
+        claims = [
+            Claim(
+                id=row.id,
+                task_type=row.task_type,
+                payload=row.payload,
+                queue=row.queue,
+                priority=row.priority,
+                attempts=row.attempts,
+                max_attempts=row.max_attempts,
+                timeout=row.timeout,
+                worker_id=worker_id,
+            )
+            for row in rows
+        ]
+        return claims, lost
+
+    @contextmanager
+    def _round_trip(self) -> Iterator[Connection]:
+        """The worker's write transaction, on a connection it keeps: no pool checkout, no
+        pre-ping. On SQLite the write lock is waited for in short steps (SQLITE_LOCK_STEP):
+        the driver's busy handler sleeps 1, 2, 5, ... ms, far longer than a round trip
+        holds the lock. Other threads take the pool's way (_write)."""
+        if self._kept_thread not in (None, threading.get_ident()):
+            with self._write() as conn:
+                yield conn
+            return
+        if self._kept is None:
+            self._kept = self.engine.connect()
+            self._kept_thread = threading.get_ident()  # for good: it stays this thread's
+            self._kept.execution_options(taskherd_write=True)
+            if self.is_sqlite:
+                self._kept.exec_driver_sql("PRAGMA busy_timeout = 0")
+                self._kept.commit()
+        conn = self._kept
+        try:
+            with self._begin_kept(conn):  # commits, or rolls back on an error
+                yield conn
+        except BaseException as error:
+            self._kept = None  # a new connection next time
+            conn.invalidate()
+            conn.close()
+            if self.is_sqlite and "readonly database" in str(getattr(error, "orig", "")):
+                raise BadDatabase(
+                    f"{self.url.database} is read-only: taskherd must be able to write it"
+                ) from error
+            raise
+
+    def _begin_kept(self, conn: Connection) -> sa.RootTransaction:
+        """Begin the kept connection's write transaction (see _round_trip)."""
+        if not self.is_sqlite:
+            return conn.begin()
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        step = SQLITE_LOCK_STEP
+        while True:
+            try:
+                return conn.begin()
+            except sa.exc.OperationalError as error:
+                if "locked" not in str(error.orig) or time.monotonic() > deadline:
+                    raise
+            conn.rollback()
+            time.sleep(step)
+            step = min(step * 2, SQLITE_LOCK_STEP_CAP)
+
+    def _complete_all(
+        self, conn: Connection, finished: list[Finished], with_progress: bool, now: dict[str, Any]
+    ) -> list[int]:
+        """running -> completed for the finished tasks (one executemany); the ids lost."""
+        statement = self._statement(
+            ("complete", with_progress), self._complete_statement, with_progress
+        )
+        batch = []
+        for done in finished:
+            params = {**now, **self._fence_params(done.claim), "outcome": done.result}
+            params["took"] = done.duration
+            if done.progress is not None:
+                params.update(self._progress_params(done.progress))
+            batch.append(params)
+        if conn.execute(statement, batch).rowcount == len(finished):
+            return []
+        # Some claims were lost (rare): the tasks that are not now completed under our fence.
+        query = select(tasks.c.id, tasks.c.status, tasks.c.worker_id, tasks.c.attempts).where(
+            tasks.c.id.in_([done.claim.id for done in finished])
+        )
+        claims = {done.claim.id: done.claim for done in finished}
+        ours = set()
+        for row in conn.execute(query):
+            fence = (COMPLETED, claims[row.id].worker_id, claims[row.id].attempts)
+            if (row.status, row.worker_id, row.attempts) == fence:
+                ours.add(row.id)
+        return [task_id for task_id in claims if task_id not in ours]
+
+    def release_unstarted(self, worker_id: int, task_ids: Sequence[int]) -> list[int]:
+        """Give back, attempt uncounted, the tasks a gone worker had claimed but never
+        started (its supervisor read them from its shared memory); return their ids."""
+        if not task_ids:
+            return []
+        statement = (
+            update(tasks)
+            .where(
+                tasks.c.id.in_(list(task_ids)),
+                tasks.c.worker_id == worker_id,
+                tasks.c.status == RUNNING,
+            )
+            .values(status=PENDING, attempts=tasks.c.attempts - 1)
+            .returning(tasks.c.id, tasks.c.queue)
+        )
+        with self._write() as conn:
+            released = [(row.queue, row.id) for row in conn.execute(statement)]
+            if released and not self.is_sqlite:
+                self._notify(conn, wake.payloads(released))
+        if released and self.is_sqlite:
+            wake.ring(self._wake_dir, wake.payloads(released))
+        return [task_id for _queue, task_id in released]
+
+    def _progress_params(self, progress: Progress) -> dict[str, Any]:
+        """_progress_values as the parameters of _complete_statement."""
+        return {f"new_{name}": value for name, value in self._progress_values(progress).items()}
+
+    # The hot path's statements are built once per Store and reused with bound parameters:
+    # SQLAlchemy then finds each one's compiled form without rebuilding it or its cache key.
+    # (No parameter may be named after a column: SQLAlchemy would add it to the SET clause.)
+
+    def _statement(self, key: Any, build: Callable[..., Any], *args: Any) -> Any:
+        statement = self._statements.get(key)
+        if statement is None:
+            statement = self._statements[key] = build(*args)
+        return statement
+
+    def _now_param(self) -> ColumnElement[datetime]:
+        """Now by the database clock, as a parameter `at` on SQLite (the host's clock)."""
+        if self.is_sqlite:
+            return sa.bindparam("at", type_=UtcDateTime)
+        return func.now()
+
+    @staticmethod
+    def _fence_params(claim: Claim) -> dict[str, Any]:
+        return {
+            "fence_id": claim.id,
+            "fence_worker": claim.worker_id,
+            "fence_attempt": claim.attempts,
+        }
+
+    @staticmethod
+    def _param_fence() -> ColumnElement[bool]:
+        """_fence with its values as the parameters _fence_params names."""
+        return sa.and_(
+            tasks.c.id == sa.bindparam("fence_id", type_=Integer),
+            tasks.c.status == RUNNING,
+            tasks.c.worker_id == sa.bindparam("fence_worker", type_=Integer),
+            tasks.c.attempts == sa.bindparam("fence_attempt", type_=Integer),
+        )
+
+    def _claim_statement(self, queues: tuple[str, ...]) -> Any:
+        now = self._now_param()
         candidates = select(tasks.c.id).where(tasks.c.status == PENDING, tasks.c.run_at <= now)
         if queues:
             candidates = candidates.where(tasks.c.queue.in_(queues))
         candidates = candidates.order_by(tasks.c.priority.desc(), tasks.c.run_at, tasks.c.id).limit(
-            limit
+            sa.bindparam("batch", type_=Integer)
         )
         if self.is_sqlite:
             picked: ColumnElement[bool] = tasks.c.id.in_(candidates.scalar_subquery())
@@ -734,12 +954,12 @@ class Store:
             # and claim more than `limit` tasks.
             chosen = candidates.with_for_update(skip_locked=True).cte("chosen")
             picked = tasks.c.id == chosen.prefix_with("MATERIALIZED").c.id
-        statement = (
+        return (
             update(tasks)
             .where(picked, tasks.c.status == PENDING)
             .values(
                 status=RUNNING,
-                worker_id=worker_id,
+                worker_id=sa.bindparam("claimer", type_=Integer),
                 attempts=tasks.c.attempts + 1,
                 started_at=now,
                 progress_percentage=None,
@@ -759,23 +979,27 @@ class Store:
                 tasks.c.run_at,
             )
         )
-        with self._write() as conn:
-            rows = list(conn.execute(statement).all())
-        rows.sort(key=lambda row: (-row.priority, row.run_at, row.id))
-        return [
-            Claim(
-                id=row.id,
-                task_type=row.task_type,
-                payload=row.payload,
-                queue=row.queue,
-                priority=row.priority,
-                attempts=row.attempts,
-                max_attempts=row.max_attempts,
-                timeout=row.timeout,
-                worker_id=worker_id,
+
+    def _complete_statement(self, with_progress: bool) -> Any:
+        progress: dict[str, Any] = {name: sa.bindparam(f"new_{name}") for name in PROGRESS_COLUMNS}
+        return (
+            update(tasks)
+            .where(self._param_fence())
+            .values(
+                status=COMPLETED,
+                result=sa.bindparam("outcome", type_=Text),
+                completed_at=self._now_param(),
+                duration=sa.bindparam("took", type_=Float),
+                **(progress if with_progress else {}),
             )
-            for row in rows
-        ]
+        )
+
+    def _release_statement(self) -> Any:
+        return (
+            update(tasks)
+            .where(self._param_fence())
+            .values(status=PENDING, attempts=tasks.c.attempts - 1)
+        )
 
     def _progress_values(self, progress: Progress | None) -> dict[str, Any]:
         if progress is None:

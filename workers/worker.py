@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +32,26 @@ from workers.backoff import retry_delay
 from workers.context import Cancelled, TaskContext
 from workers.logs import configure_logging
 from workers.resilience import Outage, persistently
-from workers.store import CANCELLED, TRANSIENT_ERRORS, Claim, LostClaim, Store, StoreError
+from workers.store import (
+    CANCELLED,
+    TRANSIENT_ERRORS,
+    Claim,
+    Finished,
+    LostClaim,
+    Progress,
+    Store,
+    StoreError,
+)
 from workers.wake import IdleWait
 
 POLL_INTERVAL = 1.0  # seconds between two looks at an empty queue
 LIVENESS_INTERVAL = 0.25  # seconds between two stamps of the liveness proof
+# Batch claims: a worker claims one task; while its tasks end within FAST_TASK it claims
+# twice as many at the next round trip, up to MAX_BATCH; a slower task or a failure brings
+# it back to one. A task running past SLOW_TASK gives back the unstarted rest of its batch.
+MAX_BATCH = 10  # tasks claimed in one round trip at most
+FAST_TASK = 0.005  # seconds
+SLOW_TASK = 0.05  # seconds
 
 # Exit codes the supervisor tells apart (see supervisor.process.classify_exit).
 STACK_SIGNAL = signal.SIGUSR1  # dump every thread's Python stack to WorkerArgs.stack_fd
@@ -65,7 +80,17 @@ class SharedState(ctypes.Structure):
         # 1 while the worker looks for work (claiming, then waiting on its wake pipe): the
         # supervisor pokes such workers when tasks are enqueued, and clears it as it pokes.
         ("wants_work", ctypes.c_int64),
+        # the tasks this worker claimed and has not started (0: a free slot): if it dies, its
+        # supervisor gives them back without counting an attempt
+        ("unstarted", ctypes.c_int64 * MAX_BATCH),
+        # bytes of whole entries in the completion journal (WorkerArgs.journal_fd)
+        ("journal_bytes", ctypes.c_int64),
     ]
+
+    def unstarted_tasks(self) -> list[int]:
+        """The claimed tasks not started, as last published (the current one excluded)."""
+        current = self.current_task
+        return [task_id for task_id in self.unstarted if task_id and task_id != current]
 
 
 def map_shared_state(fd: int) -> tuple[mmap.mmap, SharedState]:
@@ -92,6 +117,7 @@ class WorkerArgs:
     max_memory_mb: float | None = None
     shared_fd: int = -1
     stack_fd: int = -1  # where faulthandler writes every thread's stack on SIGUSR1
+    journal_fd: int = -1  # where completions not yet written are kept (CompletionJournal)
     wake_fd: int = -1  # the read end of the pipe the supervisor pokes when tasks are enqueued
     sys_path: tuple[str, ...] = ()
 
@@ -161,6 +187,64 @@ def _prove_alive(shared: SharedState, supervisor_pid: int, log: Any) -> None:
         time.sleep(LIVENESS_INTERVAL)
 
 
+class CompletionJournal:
+    """The completions a worker computed and has not yet written, kept in memory its
+    supervisor can still read after a SIGKILL (a memfd). The supervisor writes them, fenced
+    like any completion, so a killed worker re-runs only the task it was in, not the finished
+    ones of its batch. Entries are JSON lines; shared.journal_bytes counts the whole ones."""
+
+    def __init__(self, fd: int, shared: SharedState) -> None:
+        self.fd = fd
+        self.shared = shared
+        self.entries: dict[int, bytes] = {}
+
+    def add(self, done: Finished) -> None:
+        if self.fd < 0:
+            return
+        line = encode_finished(done)
+        offset = int(self.shared.journal_bytes)
+        os.pwrite(self.fd, line, offset)
+        self.entries[done.claim.id] = line
+        self.shared.journal_bytes = offset + len(line)  # the entry counts once it is whole
+
+    def remove(self, task_ids: Iterable[int]) -> None:
+        if self.fd < 0:
+            return
+        for task_id in task_ids:
+            self.entries.pop(task_id, None)
+        kept = b"".join(self.entries.values())
+        self.shared.journal_bytes = 0
+        if kept:
+            os.pwrite(self.fd, kept, 0)
+            self.shared.journal_bytes = len(kept)
+
+
+def encode_finished(done: Finished) -> bytes:
+    """One journal line (the payload is left out: the fence does not need it)."""
+    claim = dataclasses.replace(done.claim, payload="")
+    entry = {
+        "claim": dataclasses.asdict(claim),
+        "result": done.result,
+        "duration": done.duration,
+        "progress": dataclasses.asdict(done.progress) if done.progress else None,
+    }
+    return (json.dumps(entry) + "\n").encode("utf-8")
+
+
+def read_journal(fd: int, size: int) -> list[Finished]:
+    """The whole entries of a worker's completion journal (what its supervisor writes)."""
+    if fd < 0 or size <= 0:
+        return []
+    finished = []
+    for line in os.pread(fd, size, 0).decode("utf-8").splitlines():
+        entry = json.loads(line)
+        progress = Progress(**entry["progress"]) if entry["progress"] else None
+        finished.append(
+            Finished(Claim(**entry["claim"]), entry["result"], entry["duration"], progress)
+        )
+    return finished
+
+
 class Worker:
     """The claim-run-record loop of one worker process."""
 
@@ -189,23 +273,131 @@ class Worker:
         self.max_memory_mb = (
             args.max_memory_mb * rng.uniform(1 - RECYCLE_JITTER, 1) if args.max_memory_mb else None
         )
+        self.batch_size = 1  # tasks the next round trip claims (see MAX_BATCH)
+        # The batch, shared with the batch guard thread under _lock: the claimed tasks not
+        # started yet, the completions not written yet, and the task running since when.
+        self._lock = threading.Lock()
+        self._task_started = threading.Condition(self._lock)
+        self._batch: list[Claim] = []
+        self._finished: list[Finished] = []
+        self._journal = CompletionJournal(args.journal_fd, shared)  # under _lock
+        self._running: tuple[int, float] | None = None
+        self._settling = threading.Lock()  # one settle at a time (the guard's or the exit's)
+        threading.Thread(target=self._guard_batch, name="batch-guard", daemon=True).start()
 
     def run(self) -> int:
         """Work until shutdown is set or it is time to recycle; a task in flight is finished
-        first. Returns the exit code."""
-        while not self.shutdown.is_set():
-            self.shared.wants_work = 1  # before the claim: a task committed after it pokes us
-            claims = self.claim()
-            if not claims:
-                self.idle.wait(self.args.poll_interval, self.shutdown)
-                continue
-            self.shared.wants_work = 0
-            for claim in claims:
+        first, then the batch settled. Returns the exit code."""
+        try:
+            while not self.shutdown.is_set():
+                claim = self.next_claim()
+                if claim is None:
+                    self.idle.wait(self.args.poll_interval, self.shutdown)
+                    continue
                 self.run_task(claim)
-            recycle = self.recycle_code()
-            if recycle is not None:
-                return recycle
-        return EXIT_OK
+                recycle = self.recycle_code()
+                if recycle is not None:
+                    return recycle
+            return EXIT_OK
+        finally:
+            self.settle("worker.stopping")
+
+    def next_claim(self) -> Claim | None:
+        """The batch's next task; else one round trip that writes the completions waiting and
+        claims a new batch. None: no task is runnable (or shutdown came during an outage)."""
+        with self._lock:
+            if self._batch:
+                return self._batch.pop(0)
+        self.shared.wants_work = 1  # before the claim: a task committed after it pokes us
+        claims = self.exchange(self.batch_size)
+        if not claims:
+            return None
+        self.shared.wants_work = 0
+        with self._lock:
+            self._batch = claims[1:]
+            self._publish_unstarted(claims)
+        return claims[0]
+
+    def exchange(self, limit: int) -> list[Claim]:
+        """Write the completions waiting and claim up to limit tasks, in one transaction,
+        riding out database outages until shutdown."""
+        with self._lock:
+            finished, self._finished = self._finished, []
+        try:
+            claims, lost = persistently(
+                lambda: self.store.finish_and_claim(
+                    self.args.worker_id, self.args.queues, finished, limit=limit
+                ),
+                log=self.log,
+                what="complete" if finished else "claim",
+                outage=self.outage,
+                until=self.shutdown,
+            )
+        except TRANSIENT_ERRORS:  # shutdown came during an outage: settle() writes them
+            with self._lock:
+                self._finished[:0] = finished
+            return []
+        self._written(finished, lost)
+        return claims
+
+    def settle(self, event: str) -> None:
+        """Write the completions waiting and give back, attempt uncounted, the tasks claimed
+        and not started: before exit, or when a slow task would hold them up."""
+        with self._settling:
+            with self._lock:
+                finished, self._finished = self._finished, []
+                unstarted, self._batch = self._batch, []
+            if not (finished or unstarted):
+                return
+            _claims, lost = persistently(
+                lambda: self.store.finish_and_claim(
+                    self.args.worker_id, self.args.queues, finished, release=unstarted, limit=0
+                ),
+                log=self.log,
+                what="complete",
+                outage=self.outage,
+            )
+            with self._lock:
+                self._publish_unstarted(self._batch)
+            self._written(finished, lost)
+            if unstarted:
+                self.log.info(event, released=[claim.id for claim in unstarted])
+
+    def _guard_batch(self) -> None:
+        """Thread: once a task has run for SLOW_TASK, settle its batch, so that the tasks
+        behind it go to other workers and the completions before it are written."""
+        while True:
+            with self._task_started:
+                while self._running is None or not (self._batch or self._finished):
+                    self._task_started.wait()
+                running = self._running
+            time.sleep(max(0.0, running[1] + SLOW_TASK - time.monotonic()))
+            with self._lock:
+                still_running = self._running == running
+            if still_running:
+                self.settle("worker.batch_released")
+
+    def _publish_unstarted(self, claims: list[Claim]) -> None:
+        """Show the supervisor which claimed tasks are not started (under _lock)."""
+        slots = self.shared.unstarted
+        for index in range(MAX_BATCH):
+            slots[index] = claims[index].id if index < len(claims) else 0
+
+    def _written(self, finished: list[Finished], lost: list[int]) -> None:
+        """Log the outcome of a write of completions; drop them from the journal."""
+        with self._lock:
+            self._journal.remove(done.claim.id for done in finished)
+        for task_id in lost:
+            self.log.warning("task.claim_lost", task_id=task_id)
+        for done in finished:
+            if done.claim.id not in lost:
+                self.log.info(
+                    "task.completed",
+                    task_id=done.claim.id,
+                    task_type=done.claim.task_type,
+                    attempt=done.claim.attempts,
+                    duration=round(done.duration, 6),
+                )
 
     def recycle_code(self) -> int | None:
         """Between tasks: the exit code to recycle with, if a limit is reached."""
@@ -224,19 +416,6 @@ class Worker:
             self._runner.close()
         self.idle.close()
 
-    def claim(self) -> list[Claim]:
-        """Claim the next task, riding out database outages until shutdown."""
-        try:
-            return persistently(
-                lambda: self.store.claim_tasks(self.args.worker_id, self.args.queues, 1),
-                log=self.log,
-                what="claim",
-                outage=self.outage,
-                until=self.shutdown,
-            )
-        except TRANSIENT_ERRORS:
-            return []  # shutdown came during an outage
-
     def _hold_timeout(self) -> Callable[[float], None]:
         """Suspend the task's timeout while a handler's write waits on the database; the
         returned release restores it, later by the seconds the database was unavailable."""
@@ -253,30 +432,41 @@ class Worker:
         log = self.log.bind(task_id=claim.id, task_type=claim.task_type, attempt=claim.attempts)
         self.shared.current_task = claim.id
         started = time.monotonic()
-        log.info("task.started")
+        with self._lock:
+            self._publish_unstarted(self._batch)
+            self._running = (claim.id, started)
+            if self._batch or self._finished:
+                self._task_started.notify()
+        log.debug("task.started")
+        fast = False
         try:
-            self._execute(claim, log, started)
+            fast = self._execute(claim, log, started)
         except LostClaim:
             log.warning("task.claim_lost")
         finally:
+            with self._lock:
+                self._running = None
             self.shared.task_deadline = 0.0
             self.shared.current_task = 0
             self.shared.processed += 1
+        self.batch_size = min(MAX_BATCH, self.batch_size * 2) if fast else 1
 
-    def _execute(self, claim: Claim, log: Any, started: float) -> None:
+    def _execute(self, claim: Claim, log: Any, started: float) -> bool:
+        """Run the handler; return whether it completed within FAST_TASK. Its completion waits
+        for the worker's next round trip (failures are written at once)."""
         spec = registry.get(claim.task_type)
         if spec is None:
             known = ", ".join(registry.names()) or "none"
             error = f"no handler registered for task type {claim.task_type!r} (known: {known})"
             self._fail(claim, log, error, permanent=True, started=started)
-            return
+            return False
         try:
             payload = json.loads(claim.payload)
         except ValueError as exc:
             self._fail(
                 claim, log, f"payload is not valid JSON: {exc}", permanent=True, started=started
             )
-            return
+            return False
         timeout = claim.timeout or spec.timeout
         if timeout:  # enforced by the supervisor, which kills this process when it passes
             self.shared.task_timeout = timeout
@@ -303,29 +493,27 @@ class Worker:
             self._fail(
                 claim, log, f"invalid payload: {exc}", permanent=True, started=started, ctx=ctx
             )
-            return
+            return False
         except Cancelled as exc:
             self._fail(claim, log, f"cancelled: {exc}", cancelled=True, started=started, ctx=ctx)
-            return
+            return False
         except Exception as exc:
             self._fail(claim, log, _describe(exc), started=started, ctx=ctx, spec=spec)
-            return
+            return False
         try:
             result = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             error = f"the handler's result is not JSON: {exc}"
             self._fail(claim, log, error, permanent=True, started=started, ctx=ctx)
-            return
+            return False
         duration = time.monotonic() - started
         progress = ctx.take_unwritten_progress()
         self.shared.task_deadline = 0.0  # the handler is done: a slow write is no timeout
-        persistently(
-            lambda: self.store.complete_task(claim, result, duration, progress),
-            log=log,
-            what="complete",
-            outage=self.outage,
-        )
-        log.info("task.completed", duration=round(duration, 6))
+        done = Finished(claim, result, duration, progress)
+        with self._lock:
+            self._finished.append(done)
+            self._journal.add(done)
+        return duration < FAST_TASK
 
     def _fail(
         self,

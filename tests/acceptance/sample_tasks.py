@@ -103,3 +103,20 @@ def hog(ctx: Any, payload: dict[str, Any]) -> None:
         chunk[::4096] = b"\1" * len(chunk[::4096])  # touch every page
         chunks.append(chunk)
     raise RuntimeError("the memory limit never hit")
+
+
+@task("signal_self", max_retries=3)
+def signal_self(ctx: Any, payload: dict[str, Any]) -> None:
+    """The first time (no payload['marker'] file yet), send payload['signal'] to this worker."""
+    try:
+        os.close(os.open(payload["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), int(payload["signal"]))  # SIGTERM: the worker stops after this task
+
+
+@task("hold")
+def hold(ctx: Any, payload: dict[str, Any]) -> None:
+    """Keep this worker busy until the file payload['until'] exists."""
+    while not Path(payload["until"]).exists():
+        time.sleep(0.01)

@@ -56,6 +56,22 @@ def test_kill_worker_while_task_in_flight(start_pool: StartPool, database_url: s
     assert exited[0]["worker_id"] == victim and exited[0]["exit_code"] == -9
 
 
+def test_a_rescued_task_wakes_an_idle_worker_at_once(
+    start_pool: StartPool, database_url: str
+) -> None:
+    """With a 30 s poll, the rescued task runs again on the idle worker, not on the
+    replacement that claims as soon as it has booted."""
+    pool = start_pool(database_url, workers=2, options={"--poll-interval": "30"})
+    workers = set(wait_until(lambda: (w := pool.active_workers()) and len(w) == 2 and w, 15))
+    task_id = pool.queue.enqueue("sleep", {"seconds": 30})
+    victim = pool.running_task(task_id)["worker_id"]
+    [idle] = workers - {victim}
+    os.kill(pool.active_workers()[victim], signal.SIGKILL)
+
+    wait_until(lambda: pool.task(task_id)["attempts"] == 2, 10, message="never ran again")
+    assert pool.task(task_id)["worker_id"] == idle
+
+
 def test_stopped_worker_is_killed_and_replaced(start_pool: StartPool) -> None:
     worker_timeout = 2.0
     pool = start_pool(workers=1, options={"--worker-timeout": str(worker_timeout)})

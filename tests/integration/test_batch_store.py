@@ -1,0 +1,56 @@
+"""The worker's round trip (Store.finish_and_claim) and the supervisor's release of the
+tasks a gone worker never started, on both engines: every write fenced on its claim."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from workers.store import Finished, NewTask, Progress, Store, tasks
+
+
+def _row(store: Store, task_id: int) -> dict[str, object]:
+    return store.get_task(task_id)
+
+
+def test_one_round_trip_completes_releases_and_claims_in_order(store: Store) -> None:
+    ids = store.enqueue([NewTask("t", priority=p) for p in (0, 5, 0, 5, 0)])
+    claims, lost = store.finish_and_claim(1, (), limit=3)
+    assert ([c.id for c in claims], lost) == ([ids[1], ids[3], ids[0]], [])  # priority, then id
+
+    done = [Finished(claims[0], '"a"', 0.001), Finished(claims[1], '"b"', 0.002, Progress(50.0))]
+    more, lost = store.finish_and_claim(1, (), done, release=[claims[2]], limit=2)
+    assert lost == []
+    assert [c.id for c in more] == [ids[0], ids[2]]  # the released task is first again
+    assert [c.attempts for c in more] == [1, 1]  # its released attempt was given back
+    first, second = _row(store, ids[1]), _row(store, ids[3])
+    assert (first["status"], first["result"], second["progress_percentage"]) == (
+        "completed",
+        '"a"',
+        50.0,
+    )
+
+
+def test_a_lost_claim_is_reported_and_not_written_the_others_are(store: Store) -> None:
+    ids = store.enqueue([NewTask("t") for _ in range(3)])
+    claims, _lost = store.finish_and_claim(7, (), limit=3)
+    with store.engine.begin() as conn:  # another attempt took the second task meanwhile
+        conn.execute(sa.update(tasks).where(tasks.c.id == ids[1]).values(attempts=5))
+    done = [Finished(claim, "null", 0.0) for claim in claims[:2]]
+    _claims, lost = store.finish_and_claim(7, (), done, release=[claims[2]], limit=0)
+    assert lost == [ids[1]]
+    assert [_row(store, i)["status"] for i in ids] == ["completed", "running", "pending"]
+    assert _row(store, ids[1])["result"] is None
+    assert _row(store, ids[2])["attempts"] == 0
+
+
+def test_release_unstarted_gives_back_only_the_gone_workers_running_tasks(store: Store) -> None:
+    ids = store.enqueue([NewTask("t") for _ in range(3)])
+    mine, _lost = store.finish_and_claim(3, (), limit=2)
+    theirs, _lost = store.finish_and_claim(4, (), limit=1)
+    released = store.release_unstarted(3, [mine[1].id, theirs[0].id])
+    assert released == [mine[1].id]  # the other worker's task is not ours to give back
+    assert [(_row(store, i)["status"], _row(store, i)["attempts"]) for i in ids] == [
+        ("running", 1),
+        ("pending", 0),
+        ("running", 1),
+    ]
