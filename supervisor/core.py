@@ -1,9 +1,11 @@
 """The supervisor: keeps N worker processes alive and no task stuck.
 
 The loop, one iteration (`tick`):
-    handle signals -> reap exited workers -> kill hung workers -> record heartbeats
-    -> rescue stale tasks, purge (when due; one node at a time) -> top up to N (with crash back-off)
-    -> tell systemd (under systemd only) -> wait
+    handle signals -> reap exited workers -> settle them (write the completions they left
+    unwritten, release their unstarted tasks, rescue the rest) -> kill hung or overdue workers
+    -> forward cancellations -> retire surplus or outdated workers -> top up to N (with
+    crash back-off) -> record heartbeats -> rescue stale tasks, purge (when due; one node
+    at a time) -> tell systemd (under systemd only) -> wait
 
 The wait wakes at once when a worker exits (its process sentinel) or a signal
 arrives (a wake-up pipe), so nothing is polled with sleep.

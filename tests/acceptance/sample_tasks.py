@@ -23,9 +23,11 @@ def sleep(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
 
 @task("record", max_retries=3)
 def record(ctx: Any, payload: dict[str, Any]) -> int:
-    """Append this task's id to a file: the side effect that counts executions."""
+    """Append this task's id to a file: the side effect that counts executions; then work
+    for payload['work_ms'] milliseconds, if given."""
     with Path(payload["file"]).open("a") as out:
         out.write(f"{ctx.task_id}\n")
+    time.sleep(payload.get("work_ms", 0) / 1000)
     return int(ctx.task_id)
 
 

@@ -47,8 +47,11 @@ def status_counts(pool: Pool) -> Counter[str]:
 
 
 def run_chaos(pool: Pool, log: Path, freeze: bool) -> dict[str, int]:
-    ids = pool.queue.enqueue_many("record", [{"file": str(log)}] * TASKS, max_retries=50)
     rng = random.Random(2026)
+    # 0-8 ms of work each: fast ones run in batches, slower ones alone, and the run lasts
+    # long enough (a few seconds) for the blows to land
+    payloads = [{"file": str(log), "work_ms": rng.randint(0, 8)} for _ in range(TASKS)]
+    ids = pool.queue.enqueue_many("record", payloads, max_retries=50)
     kills = stops = 0
     frozen: list[int] = []
     deadline = time.monotonic() + DEADLINE

@@ -115,7 +115,9 @@ def test_supervisor_tells_systemd_ready_status_watchdog_and_stopping(
     for pid in workers.values():  # children do not inherit the variables (nor talk to systemd)
         assert not set(_environ_of(pid)) & {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
 
-    task_id = pool.queue.enqueue("sleep", {"seconds": 3})
+    # long enough to outlast the pings below by a few seconds of drain, short of the 5 s
+    # graceful timeout once the drain begins
+    task_id = pool.queue.enqueue("sleep", {"seconds": 6})
     pool.running_task(task_id)
     notify_socket.wait_for(lambda m: m == "STATUS=2/2 workers, 1 running, 3 pending", 10, "STATUS")
     wait_until(lambda: len(notify_socket.times("WATCHDOG=1")) >= 6, 10, message="few pings")
