@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ MAX_PAYLOAD_BYTES = 1024 * 1024  # the default limit on a payload's JSON text
 MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
 MAX_RETRIES = 1000
 MAX_SECONDS = 10 * 365 * 86400  # the longest delay or timeout: ten years
+PAYLOAD_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))  # built once
 
 
 class InvalidTask(ValueError):
@@ -79,15 +81,17 @@ class TaskQueue:
         connection: Connection | None = None,
     ) -> list[int]:
         """Enqueue one task per payload in one transaction; all or none. Returns ids in order."""
+        options = self.build(
+            task_type,
+            queue=queue,
+            priority=priority,
+            max_retries=max_retries,
+            delay=delay,
+            timeout=timeout,
+        )  # checked once: only the payload differs from task to task
         batch = [
-            self.build(
-                task_type,
-                payload,
-                queue=queue,
-                priority=priority,
-                max_retries=max_retries,
-                delay=delay,
-                timeout=timeout,
+            dataclasses.replace(
+                options, payload=self.encode_payload({} if payload is None else payload)
             )
             for payload in payloads
         ]
@@ -150,7 +154,7 @@ class TaskQueue:
     def encode_payload(self, payload: Any) -> str:
         """The payload as JSON text, within the size limit."""
         try:
-            text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+            text = PAYLOAD_ENCODER.encode(payload)
         except (TypeError, ValueError) as error:
             raise InvalidTask(f"the payload is not JSON: {error}") from error
         except RecursionError:

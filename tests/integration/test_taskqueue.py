@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -127,6 +128,62 @@ def test_enqueue_many_returns_ids_in_payload_order(queue: TaskQueue, store: Stor
         row = store.get_task(task_id)
         assert json.loads(row["payload"]) == payload
         assert row["priority"] == 2
+
+
+def test_enqueue_many_writes_every_option_to_every_row(queue: TaskQueue, store: Store) -> None:
+    before = store.now()
+    ids = queue.enqueue_many(
+        "job", [{"n": 1}, None], queue="mail", max_retries=5, delay=600, timeout=2.5
+    )
+    after = store.now()
+    for task_id, payload in zip(ids, ['{"n":1}', "{}"], strict=True):
+        row = store.get_task(task_id)
+        assert row["payload"] == payload
+        assert (row["queue"], row["status"], row["attempts"]) == ("mail", PENDING, 0)
+        assert (row["max_attempts"], row["timeout"]) == (6, 2.5)
+        assert (row["error_history"], row["execution_log"]) == ("[]", "[]")
+        assert not row["cancel_requested"]
+        assert before - SLACK <= row["created_at"] <= after + SLACK
+        assert row["run_at"] - row["created_at"] == pytest.approx(timedelta(seconds=600), abs=SLACK)
+    assert store.claim_tasks(1, []) == []  # delayed
+
+
+def test_concurrent_batches_each_get_the_ids_of_their_own_rows(
+    database_url: str, store: Store
+) -> None:
+    """Batch ids are worked out (SQLite: from the table's sequence; PostgreSQL: taken from
+    it first), not read back row by row: enqueuers racing must still get their own rows."""
+    queues = [TaskQueue(database_url) for _ in range(3)]
+    got: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(queues))
+
+    def enqueue(number: int, queue: TaskQueue) -> None:
+        try:
+            start.wait(timeout=10)
+            ids: list[int] = []
+            for batch in range(20):
+                payloads = [{"by": number, "batch": batch, "n": n} for n in range(50)]
+                ids += queue.enqueue_many("job", payloads)
+            got[number] = ids
+        except BaseException as error:  # reported to the test thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=enqueue, args=item) for item in enumerate(queues)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for queue in queues:
+        queue.store.dispose()
+
+    assert not errors, errors
+    with store.engine.connect() as conn:
+        payloads = dict(conn.execute(select(tasks.c.id, tasks.c.payload)).all())
+    assert len(payloads) == 3 * 20 * 50
+    for number, ids in got.items():
+        expected = [{"by": number, "batch": b, "n": n} for b in range(20) for n in range(50)]
+        assert [json.loads(payloads[task_id]) for task_id in ids] == expected
 
 
 def test_enqueue_many_of_nothing(queue: TaskQueue, store: Store) -> None:
