@@ -471,7 +471,7 @@ def _insert_arrays_statement() -> Any:
         "timeout": Float,
         "delay": Float,
     }
-    arrays = [
+    arrays: list[Any] = [
         sa.bindparam(f"new_{name}", type_=postgresql.ARRAY(kind)) for name, kind in types.items()
     ]
     new = (
