@@ -14,10 +14,13 @@ reaches it) and its log written to a file. The measurements, in order:
 1. raw limit: -w bare processes claim ten rows of a scratch table per statement and mark
    them completed in one statement (supervisor.bench_raw);
 2. enqueue, one call per task, then `enqueue_many` of --tasks no-op tasks;
+   with --history N, N finished tasks of another type are then written into the table
+   (a few INSERT ... SELECT statements), so the phases below run beside that history;
 3. drain: a pool of -w workers starts on those tasks; from the first claim (min
    started_at) to the last completion (max completed_at), as the table records them;
-4. pickup latency: the idle pool, tasks enqueued 50 ms apart; from enqueue() returning
-   (the task is committed) to the handler's first line;
+4. pickup latency: the idle pool, tasks enqueued 50 ms apart; from the enqueue() call to
+   the handler's first line (the call's own commit included: a woken worker may start the
+   task before the call has returned);
 5. rescue: SIGKILL of a worker running a task, to that task's handler starting again;
 6. idle: a pool of 8 idle workers; CPU of the supervisor and its workers, statements sent,
    and resident memory.
@@ -69,9 +72,13 @@ PHASE_TIMEOUT = 120.0  # seconds without progress before a phase gives up
 POOL_STOP_TIMEOUT = 15.0  # seconds a pool gets to stop on SIGQUIT before it is killed
 WAIT_STEP = 0.005  # seconds between two looks at a stamps file or a process
 REFRESH = 0.2  # seconds between two looks at the table during the drain
+HISTORY_CHUNK = 100_000  # --history rows written per INSERT ... SELECT (one transaction each)
+HISTORY_SPAN = 30 * 86400.0  # seconds: the history's completion times spread over 30 days
+HISTORY_ERROR = "RuntimeError: a failure in the bench's history"
 
 NOOP = "taskherd.bench.noop"
 STAMP = "taskherd.bench.stamp"
+HISTORY = "taskherd.bench.history"  # the type of --history's finished tasks (never run)
 TASK_MODULE = "supervisor.bench_tasks"
 
 T = TypeVar("T")
@@ -91,6 +98,7 @@ class BenchSettings:
     idle_seconds: float = IDLE_SECONDS
     pickup_tasks: int = PICKUP_TASKS
     rescues: int = RESCUES
+    history: int = 0  # finished tasks written into the table before the drain
 
 
 def run_bench(
@@ -113,7 +121,7 @@ def run_bench(
     if as_json:
         print(json.dumps(result, indent=2), file=out)
     else:
-        print_table(result, out)
+        print_table(result, out, history=settings.history)
     return 0
 
 
@@ -282,6 +290,8 @@ class Bench:
         self.store: Store | None = None
         self.pools: list[BenchPool] = []
         self.raw: list[subprocess.Popen[str]] = []
+        self.drain_ids = (0, 0)  # the ids of the tasks the drain runs, first and last
+        self.history_ids: tuple[int, int] | None = None  # the ids of --history's rows
 
     def run(self) -> dict[str, Any]:
         """Every measurement in order; the figures under their JSON keys."""
@@ -293,6 +303,7 @@ class Bench:
         raw = self.measure_raw_limit()
         single = self.measure_enqueue(queue)
         batch = self.measure_enqueue_batch(queue)
+        self.fill_history()
         self.analyze()
         pool = self.start_pool(self.settings.workers)
         drain = self.measure_drain(pool)
@@ -391,8 +402,48 @@ class Bench:
         started = time.perf_counter()
         queue.enqueue_many(NOOP, payloads)
         rate = self.tasks / (time.perf_counter() - started)
+        ids = sa.select(sa.func.min(tasks.c.id), sa.func.max(tasks.c.id))  # only theirs are left
+        with self._store.engine.connect() as conn:
+            first, last = conn.execute(ids).one()
+        self.drain_ids = (int(first), int(last))
         self.progress.done(f"enqueue: {rate:,.0f} tasks/s in a batch")
         return rate
+
+    def fill_history(self) -> None:
+        """--history: that many finished tasks of another type (HISTORY), as a table that has
+        run for a while holds them: 93 % completed, 5 % failed, 2 % cancelled, finished over
+        the last 30 days, oldest first. HISTORY_CHUNK rows per INSERT ... SELECT."""
+        total = self.settings.history
+        if total <= 0:
+            return
+        last_id = sa.select(sa.func.max(tasks.c.id))
+        statement = _history_insert(sqlite=self._store.is_sqlite)
+        params: dict[str, Any] = {
+            "task_type": HISTORY,
+            "total": total,
+            "step": HISTORY_SPAN / total,
+            "error": HISTORY_ERROR,
+            "error_history": json.dumps(
+                [{"attempt": 4, "worker_id": None, "error": HISTORY_ERROR}]
+            ),
+        }
+        started = time.perf_counter()
+        with self._store.engine.connect() as conn:
+            before = int(conn.execute(last_id).scalar() or 0)
+        written = 0
+        while written < total:
+            self.progress.show(f"history: {written:,}/{total:,} rows")
+            chunk = min(HISTORY_CHUNK, total - written)
+            with self._store.engine.begin() as conn:
+                conn.execute(
+                    statement,
+                    {**params, "first": written + 1, "last": written + chunk, "now": time.time()},
+                )
+            written += chunk
+        with self._store.engine.connect() as conn:
+            self.history_ids = (before + 1, int(conn.execute(last_id).scalar() or 0))
+        seconds = time.perf_counter() - started
+        self.progress.done(f"history: {total:,} finished rows in {seconds:.1f} s")
 
     def analyze(self) -> None:
         """PostgreSQL: fresh planner statistics, as autovacuum would give a table this size."""
@@ -416,7 +467,10 @@ class Bench:
 
     def measure_drain(self, pool: BenchPool) -> float:
         """From the first claim to the last completion of the enqueued tasks, by the table."""
-        unfinished = sa.select(sa.func.count()).where(tasks.c.status.not_in(FINISHED))
+        # The drain's own tasks, by their primary key: a look that costs the same however
+        # much history the table holds (--history), so it weighs on the drain no more.
+        own = tasks.c.id.between(*self.drain_ids)
+        unfinished = sa.select(sa.func.count()).where(own, tasks.c.status.not_in(FINISHED))
         last_left, last_change = self.tasks, time.monotonic()
         while True:
             pool.check()
@@ -436,7 +490,7 @@ class Bench:
             sa.func.count(),
             sa.func.min(tasks.c.started_at),
             sa.func.max(tasks.c.completed_at),
-        ).where(tasks.c.task_type == NOOP, tasks.c.status == COMPLETED)
+        ).where(own, tasks.c.task_type == NOOP, tasks.c.status == COMPLETED)
         with self._store.engine.connect() as conn:
             completed, first_claim, last_completion = conn.execute(summary).one()
         if completed != self.tasks:
@@ -447,7 +501,7 @@ class Bench:
         return rate
 
     def measure_pickup(self, pool: BenchPool, queue: TaskQueue) -> dict[str, float]:
-        """Idle pool, tasks enqueued PICKUP_SPACING apart: enqueue() returning -> handler."""
+        """Idle pool, tasks enqueued PICKUP_SPACING apart: the enqueue() call -> handler."""
         stamps = self.scratch.workdir / "pickup.stamps"
         count = self.settings.pickup_tasks
         enqueued: dict[int, float] = {}
@@ -455,8 +509,9 @@ class Bench:
         for number in range(count):
             time.sleep(max(0.0, start + number * PICKUP_SPACING - time.monotonic()))
             pool.check()
+            called = time.monotonic()
             task_id = queue.enqueue(STAMP, {"stamps": str(stamps)})
-            enqueued[task_id] = time.monotonic()
+            enqueued[task_id] = called
             self.progress.show(f"pickup latency: {number + 1}/{count} tasks enqueued")
         seen = self._wait(
             lambda: _all_stamped(stamps, enqueued),
@@ -579,13 +634,82 @@ class Bench:
             time.sleep(WAIT_STEP)
 
     def check_tasks(self) -> None:
-        """Raise BenchError if a task failed: the pool cannot run the bench's tasks."""
-        failed = sa.select(tasks.c.id, tasks.c.last_error).where(tasks.c.status == FAILED)
+        """Raise BenchError if a task failed: the pool cannot run the bench's tasks.
+
+        Only the bench's own tasks count, not the failures in --history: each range of their
+        ids is a primary-key range scan (an OR of the ranges would have PostgreSQL walk every
+        failed row of the history in tasks_finished at every look)."""
+        failed = sa.select(tasks.c.id, tasks.c.last_error).where(
+            tasks.c.status == FAILED, tasks.c.task_type.in_((NOOP, STAMP))
+        )
+        first, last = self.drain_ids
+        if self.history_ids is None:
+            own = [tasks.c.id >= first]
+        else:  # the drain's tasks came before the history, the later phases' after it
+            own = [tasks.c.id.between(first, last), tasks.c.id > self.history_ids[1]]
         with self._store.engine.connect() as conn:
-            row = conn.execute(failed.limit(1)).first()
-        if row is not None:
-            error = (row.last_error or "no error recorded").strip().splitlines() or [""]
-            raise BenchError(f"task {row.id} failed in the pool under test: {error[0]}")
+            for ids in own:
+                row = conn.execute(failed.where(ids).limit(1)).first()
+                if row is not None:
+                    error = (row.last_error or "no error recorded").strip().splitlines() or [""]
+                    raise BenchError(f"task {row.id} failed in the pool under test: {error[0]}")
+
+
+def _history_insert(*, sqlite: bool) -> sa.TextClause:
+    """One INSERT ... SELECT of the history rows numbered :first to :last of :total, row i
+    finishing (:total - i) * :step + 60 seconds ago. Rows are numbered by a recursive CTE on
+    SQLite, generate_series on PostgreSQL; times are text in SQLAlchemy's format on SQLite
+    (host clock, :now), timestamptz by the database clock on PostgreSQL."""
+    if sqlite:
+        numbers = (
+            "WITH RECURSIVE n(i) AS (SELECT :first UNION ALL SELECT i + 1 FROM n WHERE i < :last)"
+        )
+        source = "n"
+
+        def ago(seconds: str) -> str:
+            return f"strftime('%Y-%m-%d %H:%M:%f', :now - ({seconds}), 'unixepoch') || '000'"
+
+    else:
+        numbers = ""
+        source = "generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) AS n(i)"
+
+        def ago(seconds: str) -> str:
+            return f"now() - ({seconds}) * interval '1 second'"
+
+    enqueued = ago("age + took + waited")
+    return sa.text(f"""
+        {numbers}
+        INSERT INTO tasks (
+            queue, task_type, payload, status, priority, run_at, created_at, started_at,
+            completed_at, duration, attempts, max_attempts, result, last_error, error_history,
+            execution_log, cancel_requested
+        )
+        SELECT
+            'default', :task_type, '{{"order": ' || i || '}}', status, 0, {enqueued}, {enqueued},
+            CASE WHEN status = 'cancelled' THEN NULL ELSE {ago("age + took")} END,
+            {ago("age")},
+            CASE WHEN status = 'cancelled' THEN NULL ELSE took END,
+            CASE status WHEN 'completed' THEN 1 WHEN 'failed' THEN 4 ELSE 0 END,
+            4,
+            CASE WHEN status = 'completed' THEN '{{"ok": true}}' END,
+            CASE WHEN status = 'failed' THEN :error END,
+            CASE WHEN status = 'failed' THEN :error_history ELSE '[]' END,
+            '[]',
+            status = 'cancelled'
+        FROM (
+            SELECT
+                i,
+                CASE
+                    WHEN i % 20 = 0 THEN 'failed'
+                    WHEN i % 50 = 1 THEN 'cancelled'
+                    ELSE 'completed'
+                END AS status,
+                (CAST(:total AS BIGINT) - i) * CAST(:step AS DOUBLE PRECISION) + 60.0 AS age,
+                0.01 * (1 + i % 50) AS took,
+                0.5 + i % 5 AS waited
+            FROM {source}
+        ) AS h
+    """)
 
 
 def _all_stamped(stamps: Path, enqueued: dict[int, float]) -> dict[tuple[int, int], float] | None:
@@ -655,8 +779,8 @@ class Progress:
             self._shown = False
 
 
-def print_table(result: dict[str, Any], out: TextIO) -> None:
-    """The figures as a person reads them."""
+def print_table(result: dict[str, Any], out: TextIO, *, history: int = 0) -> None:
+    """The figures as a person reads them; history: the --history rows, if any."""
     pickup, idle, rss = result["pickup_latency_ms"], result["idle"], result["rss_mb"]
     rows = [
         ("drain", f"{result['drain_tasks_per_s']:,.0f} tasks/s"),
@@ -676,6 +800,8 @@ def print_table(result: dict[str, Any], out: TextIO) -> None:
         f"{result['tasks']} no-op tasks",
         file=out,
     )
+    if history > 0:
+        rows.append(("history", f"{history:,} finished rows in the table (--history)"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}", file=out)

@@ -57,6 +57,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 ERROR_COLUMN_WIDTH = 60
 MAX_ID = 2**63 - 1  # a BIGINT
 MAX_LIMIT = 10_000_000
+MAX_HISTORY = 100_000_000  # bench --history: finished rows written before the drain
 MAX_WATCH_INTERVAL = 3600.0
 
 
@@ -300,6 +301,7 @@ def _whole(low: int, high: int) -> Callable[[str], int]:
 _priority = _whole(MIN_PRIORITY, MAX_PRIORITY)
 _retries = _whole(0, MAX_RETRIES)
 _limit = _whole(1, MAX_LIMIT)
+_history = _whole(0, MAX_HISTORY)
 
 
 def _task_id(text: str) -> int:
@@ -739,6 +741,13 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
         "--pickup-tasks", type=_limit, default=200, metavar="N", help="(default 200)"
     )
     bench.add_argument("--rescues", type=_limit, default=3, metavar="N", help="(default 3)")
+    bench.add_argument(
+        "--history",
+        type=_history,
+        default=0,
+        metavar="N",
+        help="finished tasks written into the table before the drain (default 0)",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -752,6 +761,7 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
         idle_seconds=args.idle_seconds,
         pickup_tasks=args.pickup_tasks,
         rescues=args.rescues,
+        history=args.history,
     )
     return run_bench(settings, as_json=args.json)
 

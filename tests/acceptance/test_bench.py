@@ -1,7 +1,8 @@
 """`taskherd bench` as a user runs it: real pools on a scratch database that it removes.
 
 Tiny numbers keep each run short; the figures are not judged here, only that every one is
-measured, the scratch database is gone afterwards and the user's database is untouched.
+measured, the scratch database is gone afterwards and the user's database is untouched,
+with or without --history.
 """
 
 from __future__ import annotations
@@ -20,11 +21,21 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from supervisor.bench import print_table
+import supervisor.bench
+from supervisor.bench import (
+    HISTORY,
+    NOOP,
+    Bench,
+    BenchError,
+    BenchSettings,
+    Progress,
+    Scratch,
+    print_table,
+)
 from supervisor.cli import main
 from tests.helpers import wait_until
 from workers import __version__
-from workers.store import Store
+from workers.store import COMPLETED, FAILED, Store, tasks
 from workers.taskqueue import TaskQueue
 
 pytestmark = pytest.mark.slow
@@ -99,14 +110,17 @@ def own_files(directory: Path) -> list[str]:
     return sorted(name for name in os.listdir(directory) if not name.endswith(("-wal", "-shm")))
 
 
-def test_bench_measures_every_figure_and_leaves_no_trace(database_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("history", [[], ["--history", "5000"]], ids=["empty", "history"])
+def test_bench_measures_every_figure_and_leaves_no_trace(
+    database_url: str, history: list[str], tmp_path: Path
+) -> None:
     TaskQueue(database_url).enqueue("user.task", {"keep": "me"})
     before = user_rows(database_url)
     sqlite = database_url.startswith("sqlite")
     scratch_before = set() if sqlite else scratch_databases(database_url)
     files_before = own_files(tmp_path)
 
-    done = bench(database_url, "--json")
+    done = bench(database_url, "--json", *history)
 
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -152,6 +166,70 @@ def test_without_json_the_figures_are_a_table() -> None:
     assert table["efficiency"].startswith("0.41")
     assert table["pickup latency"] == "p50 2.5 ms, p95 4.2 ms"
     assert table["memory (RSS)"] == "supervisor 40.0 MB, worker 38.5 MB"
+    assert "history" not in table
+    with_history = io.StringIO()
+    print_table(result, with_history, history=1_000_000)
+    assert with_history.getvalue().splitlines()[:-1] == lines
+    assert re.split(r"\s{2,}", with_history.getvalue().splitlines()[-1].strip()) == [
+        "history",
+        "1,000,000 finished rows in the table (--history)",
+    ]
+
+
+def test_history_is_finished_rows_of_another_type_beside_the_drain(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervisor.bench, "HISTORY_CHUNK", 400)  # three statements, one short
+    settings = BenchSettings(database_url, workers=1, history=1000)
+    store = Store(database_url)
+    measuring = Bench(
+        Scratch(sa.make_url(database_url), tmp_path), settings, 10, Progress(io.StringIO())
+    )
+    measuring.store = store
+    try:
+        queue = TaskQueue(database_url, store=store)
+        measuring.measure_enqueue_batch(queue)  # the drain's 10 tasks, before the history
+
+        measuring.fill_history()
+
+        assert measuring.history_ids is not None
+        first, last = measuring.history_ids
+        assert first > measuring.drain_ids[1]
+        now = store.now()
+        with store.engine.connect() as conn:
+            rows = conn.execute(sa.select(tasks).where(tasks.c.task_type == HISTORY)).all()
+            drain = conn.execute(sa.select(tasks.c.id).where(tasks.c.task_type == NOOP)).all()
+        assert len(rows) == 1000 and len(drain) == 10
+        assert sorted(row.id for row in rows) == list(range(first, last + 1))
+        statuses = [row.status for row in rows]
+        assert statuses.count("completed") > statuses.count("failed") > 0
+        assert statuses.count("cancelled") > 0
+        for row in sorted(rows, key=lambda row: row.id):
+            assert row.created_at <= row.run_at <= row.completed_at < now, row
+            if row.status == "cancelled":
+                assert (row.started_at, row.attempts, row.cancel_requested) == (None, 0, True)
+            else:
+                assert row.run_at <= row.started_at <= row.completed_at, row
+                assert row.duration > 0 and row.attempts >= 1, row
+        completions = [row.completed_at for row in sorted(rows, key=lambda row: row.id)]
+        assert completions == sorted(completions)  # oldest first, as ids grow
+        assert now - completions[0] > (now - completions[-1]) * 1000  # spread over days
+
+        measuring.check_tasks()  # the history's failures are not the bench's
+
+        failed = queue.enqueue(NOOP)  # a later phase's task, after the history
+        with store.engine.begin() as conn:
+            conn.execute(tasks.update().where(tasks.c.id == failed).values(status=FAILED))
+        with pytest.raises(BenchError, match=f"task {failed} failed"):
+            measuring.check_tasks()
+        with store.engine.begin() as conn:
+            conn.execute(tasks.update().where(tasks.c.id == failed).values(status=COMPLETED))
+            drained = conn.execute(sa.select(sa.func.min(tasks.c.id))).scalar_one()
+            conn.execute(tasks.update().where(tasks.c.id == drained).values(status=FAILED))
+        with pytest.raises(BenchError, match=f"task {drained} failed"):
+            measuring.check_tasks()
+    finally:
+        store.dispose()
 
 
 def start_bench_and_wait_for_its_pool(
@@ -202,6 +280,10 @@ def test_a_bench_killed_outright_leaves_no_pool_running(sqlite_url: str, tmp_pat
         (["bench", "--tasks", "0"], "--tasks: must be"),
         (["bench", "-w", "0"], "--workers: must be"),
         (["bench", "--idle-seconds", "-1"], "--idle-seconds: must be more than 0 seconds"),
+        (["bench", "--history", "-1"], "--history: must be from 0 to 100000000, not -1"),
+        (["bench", "--history", "many"], "--history: must be a whole number, not 'many'"),
+        (["bench", "--history", "1e6"], "--history: must be a whole number, not '1e6'"),
+        (["bench", "--history", "100000001"], "--history: must be from 0 to 100000000"),
         (["--db", "mysql://x/y", "bench"], "unsupported database URL scheme"),
         (["--db", "sqlite://", "bench"], "SQLite needs a file"),
     ],
