@@ -98,7 +98,8 @@ class WorkerHandle:
     def poke(self) -> None:
         """Wake the worker from its idle wait: tasks were enqueued."""
         self.shared.wants_work = 0
-        with contextlib.suppress(BlockingIOError):  # a full pipe wakes it all the same
+        # A full pipe wakes it all the same; a broken one means it has exited, not yet reaped.
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
             os.write(self._wake_fd, b"\0")
 
     def liveness_age(self, now: float) -> float:
