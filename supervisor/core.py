@@ -4,8 +4,9 @@ The loop, one iteration (`tick`):
     handle signals -> reap exited workers -> settle them (write the completions they left
     unwritten, release their unstarted tasks, rescue the rest) -> kill hung or overdue workers
     -> forward cancellations -> retire surplus or outdated workers -> top up to N (with
-    crash back-off) -> record heartbeats -> rescue stale tasks, purge (when due; one node
-    at a time) -> tell systemd (under systemd only) -> wait
+    crash back-off) -> record heartbeats -> look for work for idle workers (wake-ups on)
+    -> rescue stale tasks, purge (when due; one node at a time) -> tell systemd (under
+    systemd only) -> wait
 
 The wait wakes at once when a worker exits (its process sentinel) or a signal
 arrives (a wake-up pipe), so nothing is polled with sleep.
@@ -49,11 +50,19 @@ GRACEFUL_TIMEOUT = 30.0  # seconds running tasks get to finish on SIGTERM
 CANCEL_GRACE = 10.0  # seconds a cancelled running task gets to stop before its worker is killed
 STACK_WAIT = 0.3  # seconds a hung worker gets to write its stacks before the SIGKILL
 CANCEL_CHECK_INTERVAL = 0.5  # seconds between two looks for cancel requests (busy workers only)
-POLL_INTERVAL = 1.0  # seconds between a worker's looks at an empty queue
+POLL_INTERVAL = 1.0  # seconds between two looks at an empty queue
+# With wake-ups on, the supervisor looks at the queue every poll interval for its idle
+# workers (one statement, however many are idle) and pokes as many as there are tasks; an
+# idle worker then looks by itself only this seldom (should a poke ever go astray).
+IDLE_WORKER_POLL = 30.0  # seconds
 MAX_TICK = 1.0  # seconds: the longest the loop sleeps when nothing wakes it
 CRASH_WINDOW = 5.0  # seconds: a worker dying younger than this, having done nothing, crashed
 CRASH_BACKOFF_INITIAL = 1.0  # seconds before respawning after the second crash in a row
 CRASH_BACKOFF_CAP = 60.0
+# Seconds the supervisor waits for SQLite's write lock before it counts the database as
+# unavailable for now: short, so that its loop keeps turning (and kills, on time, the hung
+# worker that may be holding that lock).
+SQLITE_LOCK_WAIT = 0.5
 PURGE_INTERVAL = 300.0  # seconds between two periodic purges by one node (run --purge-after)
 # Settings a SIGHUP cannot change: they need a restart.
 RESTART_ONLY = frozenset({"database_url", "node"})
@@ -134,6 +143,7 @@ class Supervisor:
         self._next_purge = 0.0
         self._next_spawn = 0.0
         self._next_cancel_check = 0.0
+        self._next_look = 0.0
         self._crash_streak = 0
         self._crash_reason: str | None = None
         self._generation = 0  # bumped by a reload: older workers are replaced
@@ -195,7 +205,7 @@ class Supervisor:
     def boot(self) -> None:
         """Start-up, in order: task modules, database and schema, our row, predecessors, workers."""
         registry.import_modules(self.imports)
-        self.store = Store(self.database_url, create=True)
+        self.store = Store(self.database_url, create=True, busy_timeout=SQLITE_LOCK_WAIT)
         self.store.ensure_schema()
         self.id = self.store.register_supervisor(
             self.node,
@@ -237,6 +247,7 @@ class Supervisor:
             self.top_up()
         self.record_heartbeats()
         if not self._stopping:
+            self.look_for_work()
             self.rescue_stale_tasks()
             self.purge_finished()
         self.notify_systemd()
@@ -402,6 +413,8 @@ class Supervisor:
             if not self._stopping:
                 self._note_crash(crashed, reason)
             handle.close()
+            if self._outage.down:  # it may have held SQLite's write lock: probe again at once
+                self._next_heartbeat = min(self._next_heartbeat, time.monotonic())
 
     @staticmethod
     def _died_at_start(handle: WorkerHandle) -> bool:
@@ -454,7 +467,7 @@ class Supervisor:
         """Rescued tasks back in the queue are news nobody announced: wake idle workers."""
         again = sum(1 for task in rescued if task.status == "pending")
         if again and not self._stopping:
-            self.wake_idle_workers(again)
+            self.wake_idle_workers(again, why="rescued")
 
     def _retire(self, store: Store, retirement: _Retirement) -> list[Rescued]:
         error = f"worker {retirement.worker_id} (pid {retirement.pid}) {retirement.exit_reason}"
@@ -572,6 +585,31 @@ class Supervisor:
             self.log.error("worker.disowned", worker_id=worker_id, pid=handle.pid)
             handle.kill("killed: declared lost by another node while this one was cut off")
 
+    def look_for_work(self) -> None:
+        """With wake-ups on, every poll interval while workers are idle: count the runnable
+        tasks (up to the idle workers' number) and poke that many. Tasks that no enqueue
+        announced (delayed ones coming due, retries after their backoff, tasks enqueued in
+        autocommit on SQLite) start within a poll interval, for one statement per supervisor."""
+        now = time.monotonic()
+        if not self.wake_up or now < self._next_look:
+            return
+        idle = self._idle_workers()
+        if not idle:
+            return
+        self._next_look = now + self.poll_interval  # (wait() wakes for it: never in the past)
+        if self._outage.down:  # the heartbeat's probe finds the way back
+            return
+        runnable = self._db(lambda store: store.runnable_tasks(self.queues, len(idle)), "look")
+        if runnable:
+            self.wake_idle_workers(runnable, why="look")
+
+    def _idle_workers(self) -> list[WorkerHandle]:
+        return [
+            handle
+            for handle in self.workers.values()
+            if handle.wants_work and not handle.retiring and handle.kill_reason is None
+        ]
+
     def rescue_stale_tasks(self) -> None:
         """Rescue tasks whose worker's heartbeat is older than heartbeat_timeout, on any node
         (one node at a time: the store skips it while another node's maintenance runs).
@@ -643,7 +681,7 @@ class Supervisor:
             node=self.node,
             queues=self.queues,
             imports=self.imports,
-            poll_interval=self.poll_interval,
+            poll_interval=IDLE_WORKER_POLL if self.wake_up else self.poll_interval,
             max_tasks=self.max_tasks_per_worker,
             max_memory_mb=self.max_memory_per_worker,
             log_format=self.log_format,
@@ -693,6 +731,8 @@ class Supervisor:
             due.append(self._stop_deadline)
         elif len(self.workers) < self.desired:
             due.append(self._next_spawn)
+        if self.wake_up and not self._stopping and self._idle_workers():
+            due.append(self._next_look)
         # task deadlines share CLOCK_MONOTONIC with us: wake when the first one passes
         due.extend(d for h in self.workers.values() if (d := float(h.shared.task_deadline)))
         due.extend(h.stack_deadline for h in self.workers.values() if h.pending_kill)
@@ -709,7 +749,7 @@ class Supervisor:
             waitables.append(heard)
         ready = multiprocessing.connection.wait(waitables, timeout)
         if listener is not None and heard in ready:
-            self.wake_idle_workers(listener.drain(self.queues))
+            self.wake_idle_workers(listener.drain(self.queues), why="announced")
 
     def keep_listening(self, now: float) -> Listener | None:
         """Open, check or reopen (with back-off) the listener that hears enqueues; close it
@@ -722,24 +762,24 @@ class Supervisor:
         if self.listener is None:
             self.listener = Listener.for_store(self.store, self.id, self.log)
         if self.listener.maintain(now):
-            self.wake_idle_workers(None)
+            self.wake_idle_workers(None, why="listening")
         return self.listener
 
-    def wake_idle_workers(self, tasks: int | None) -> None:
-        """Poke up to `tasks` workers that are looking for work (None: every one of them).
+    def wake_idle_workers(self, tasks: int | None, *, why: str) -> None:
+        """Poke up to `tasks` workers that are looking for work (None: every one of them):
+        because tasks were announced, because the listener (re)opened, or after a look.
 
         As many as tasks were announced, not all: with 8 idle workers, waking all of them for
         each task tripled the pool's CPU and doubled the pickup latency (the empty claims of
         the losers queue with the winner's)."""
         poked: list[int] = []
-        for handle in self.workers.values():
+        for handle in self._idle_workers():
             if tasks is not None and len(poked) >= tasks:
                 break
-            if handle.wants_work and not handle.retiring and handle.kill_reason is None:
-                handle.poke()
-                poked.append(handle.worker_id)
+            handle.poke()
+            poked.append(handle.worker_id)
         if poked:
-            self.log.debug("wake.poked", workers=poked, tasks=tasks)
+            self.log.debug("wake.poked", workers=poked, tasks=tasks, why=why)
 
     def rescue_dead_predecessors(self) -> None:
         """At boot: settle supervisors on this node whose process is gone, and their workers."""

@@ -376,14 +376,14 @@ def _create_private_file(path: Path) -> None:
     os.close(fd)
 
 
-def _install_sqlite_settings(engine: Engine, synchronous: str) -> None:
+def _install_sqlite_settings(engine: Engine, synchronous: str, busy_timeout_ms: int) -> None:
     """WAL, a busy timeout, and transactions we begin ourselves (IMMEDIATE unless read-only)."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute(f"PRAGMA synchronous = {synchronous}")
         cursor.close()
@@ -502,10 +502,22 @@ def _insert_arrays_statement() -> Any:
     return sa.insert(tasks).from_select(names, rows)
 
 
+def _holder_alive() -> ColumnElement[bool]:
+    """A running task's worker is still active: per task, a primary-key look-up, cheap however
+    many old workers pile up."""
+    return (
+        select(task_workers.c.id)
+        .where(task_workers.c.id == tasks.c.worker_id, task_workers.c.is_active)
+        .exists()
+    )
+
+
 class Store:
     """The database as taskherd sees it. Each process builds its own."""
 
-    def __init__(self, url: str, *, create: bool = False):
+    def __init__(self, url: str, *, create: bool = False, busy_timeout: float | None = None):
+        """busy_timeout: seconds a SQLite write waits for the write lock (default
+        SQLITE_BUSY_TIMEOUT_MS); PostgreSQL ignores it."""
         self.url = normalise_url(url)
         self.sqlite_synchronous = str(self.url.query.get("synchronous", SQLITE_SYNCHRONOUS))
         self.url = self.url.difference_update_query(["synchronous"])
@@ -518,7 +530,8 @@ class Store:
                     raise BadDatabase(f"no database at {path}: run `taskherd init-db` first")
                 _create_private_file(path)
             self.engine = sa.create_engine(self.url, poolclass=sa.pool.QueuePool, pool_size=2)
-            _install_sqlite_settings(self.engine, self.sqlite_synchronous.upper())
+            wait_ms = SQLITE_BUSY_TIMEOUT_MS if busy_timeout is None else int(busy_timeout * 1000)
+            _install_sqlite_settings(self.engine, self.sqlite_synchronous.upper(), wait_ms)
         else:
             # pre-ping: a connection that outlived a server restart is replaced when it is
             # checked out, rather than failing the first statement after the restart
@@ -1258,50 +1271,82 @@ class Store:
         desired_workers: int | None = None,
     ) -> set[int]:
         """Stamp the supervisor (with its crash streak) and all its live workers: one statement
-        per table.
+        per table (the workers' as one executemany), then look up the workers declared lost.
 
         Returns the workers another node has declared lost meanwhile (their rows are no
         longer active): their tasks were rescued, and they must not go on. A supervisor
         declared dead is running again.
         """
-        now = self._now()
+        clock = self._clock_params()
+        params = {
+            **clock,
+            "stamped_id": supervisor_id,
+            "streak": crash_streak,
+            "reason": crash_reason,
+            "desired": desired_workers,
+        }
+        rows = [
+            {
+                **clock,
+                "stamped_id": worker_id,
+                "task": stats.current_task_id,
+                "processed": stats.processed,
+                "failed": stats.failed,
+                "rss": stats.rss_mb,
+            }
+            for worker_id, stats in workers.items()
+        ]
         with self._write() as conn:
             conn.execute(
-                update(supervisors)
-                .where(supervisors.c.id == supervisor_id)
-                .values(
-                    last_heartbeat=now,
-                    status=case(
-                        (supervisors.c.status == "dead", "running"), else_=supervisors.c.status
-                    ),
-                    stopped_at=None,
-                    crash_streak=crash_streak,
-                    crash_reason=crash_reason,
-                    desired_workers=func.coalesce(desired_workers, supervisors.c.desired_workers),
-                )
+                self._statement("beat-supervisor", self._supervisor_beat_statement), params
             )
-            if not workers:
+            if not rows:
                 return set()
-            ids = list(workers)
+            conn.execute(self._statement("beat-workers", self._worker_beat_statement), rows)
+            inactive = select(task_workers.c.id).where(
+                task_workers.c.id.in_(list(workers)), ~task_workers.c.is_active
+            )
+            return set(conn.execute(inactive).scalars())
 
-            def per_worker(field: Any, type_: Any) -> ColumnElement[Any]:
-                """CASE id WHEN ... THEN ...: one value per worker, typed (all NULL is no type)."""
-                values = {worker_id: field(stats) for worker_id, stats in workers.items()}
-                return sa.cast(case(values, value=task_workers.c.id), type_)
+    def _clock_params(self) -> dict[str, Any]:
+        """The parameter `at` of the statements that use _now_param (SQLite only)."""
+        return {"at": datetime.now(UTC)} if self.is_sqlite else {}
 
-            stamped = conn.execute(
-                update(task_workers)
-                .where(task_workers.c.id.in_(ids), task_workers.c.is_active)
-                .values(
-                    last_heartbeat=now,
-                    current_task_id=per_worker(lambda s: s.current_task_id, sa.BigInteger),
-                    processed_tasks_count=per_worker(lambda s: s.processed, Integer),
-                    failed_tasks_count=per_worker(lambda s: s.failed, Integer),
-                    rss_mb=per_worker(lambda s: s.rss_mb, Float),
-                )
-                .returning(task_workers.c.id)
-            ).scalars()
-            return set(ids) - set(stamped)
+    def _supervisor_beat_statement(self) -> Any:
+        return (
+            update(supervisors)
+            .where(supervisors.c.id == sa.bindparam("stamped_id", type_=Integer))
+            .values(
+                last_heartbeat=self._now_param(),
+                status=case(
+                    (supervisors.c.status == "dead", "running"), else_=supervisors.c.status
+                ),
+                stopped_at=None,
+                crash_streak=sa.bindparam("streak", type_=Integer),
+                crash_reason=sa.bindparam("reason", type_=Text),
+                desired_workers=func.coalesce(
+                    sa.bindparam("desired", type_=Integer), supervisors.c.desired_workers
+                ),
+            )
+        )
+
+    def _worker_beat_statement(self) -> Any:
+        """One worker's heartbeat, run for all of them in one executemany; a row another node
+        declared lost (no longer active) is left alone."""
+        return (
+            update(task_workers)
+            .where(
+                task_workers.c.id == sa.bindparam("stamped_id", type_=Integer),
+                task_workers.c.is_active,
+            )
+            .values(
+                last_heartbeat=self._now_param(),
+                current_task_id=sa.bindparam("task", type_=sa.BigInteger),
+                processed_tasks_count=sa.bindparam("processed", type_=Integer),
+                failed_tasks_count=sa.bindparam("failed", type_=Integer),
+                rss_mb=sa.bindparam("rss", type_=Float),
+            )
+        )
 
     def cancel_requests(self, worker_ids: Sequence[int]) -> dict[int, int]:
         """task id -> worker id, for running tasks of these workers whose cancel was requested."""
@@ -1356,8 +1401,18 @@ class Store:
         Returns the rescued tasks and the ids of the workers declared lost; nothing while
         another node's maintenance holds the lock (it is doing the same).
         """
+        anything = self._statement("anything-stale", self._anything_stale_statement)
+        params: dict[str, Any] = {"age": timedelta(seconds=heartbeat_timeout)}
+        if self.is_sqlite:
+            params = {"cutoff": datetime.now(UTC) - params["age"]}
+        with self._read() as conn:  # the usual answer, read without taking a write lock
+            if not conn.execute(anything, params).scalar():
+                return [], []
         cutoff = self._now(-heartbeat_timeout)
         stale = sa.and_(task_workers.c.is_active, task_workers.c.last_heartbeat < cutoff)
+        stale_supervisor = sa.and_(
+            supervisors.c.status.in_(("running", "stopping")), supervisors.c.last_heartbeat < cutoff
+        )
         error = f"worker lost: no heartbeat for more than {heartbeat_timeout:g} s"
         with self._write() as conn:
             if not self._maintenance_lock(conn):
@@ -1376,18 +1431,33 @@ class Store:
             )
             conn.execute(
                 update(supervisors)
-                .where(supervisors.c.status.in_(("running", "stopping")))
-                .where(supervisors.c.last_heartbeat < cutoff)
+                .where(stale_supervisor)
                 .values(status="dead", stopped_at=self._now())
             )
-            # Per running task, a primary-key look-up: cheap however many old workers pile up.
-            holder_alive = (
-                select(task_workers.c.id)
-                .where(task_workers.c.id == tasks.c.worker_id, task_workers.c.is_active)
-                .exists()
-            )
-            rescued = self._rescue(conn, ~holder_alive, error)
+            rescued = self._rescue(conn, ~_holder_alive(), error)
         return rescued, lost
+
+    def _anything_stale_statement(self) -> Any:
+        """Whether rescue_stale_tasks has anything to do: a worker or supervisor silent since
+        the cutoff, or a running task whose worker is no longer active."""
+        if self.is_sqlite:
+            cutoff: ColumnElement[datetime] = sa.bindparam("cutoff", type_=UtcDateTime)
+        else:
+            cutoff = func.now() - sa.bindparam("age", type_=sa.Interval)
+        return select(
+            sa.or_(
+                select(task_workers.c.id)
+                .where(task_workers.c.is_active, task_workers.c.last_heartbeat < cutoff)
+                .exists(),
+                select(supervisors.c.id)
+                .where(
+                    supervisors.c.status.in_(("running", "stopping")),
+                    supervisors.c.last_heartbeat < cutoff,
+                )
+                .exists(),
+                select(tasks.c.id).where(tasks.c.status == RUNNING, ~_holder_alive()).exists(),
+            )
+        )
 
     def _rescue(
         self, conn: Connection, which: ColumnElement[bool], error: str, *, release: bool = False
@@ -1699,6 +1769,22 @@ class Store:
             "queues": queues,
             "totals": {status: count for status, count in finished},
         }
+
+    def runnable_tasks(self, queues: Sequence[str], limit: int) -> int:
+        """How many tasks in these queues (all when empty) are runnable now, up to limit."""
+        named = tuple(queues)
+        counted = self._statement(("runnable", named), self._runnable_statement, named)
+        with self._read() as conn:
+            return int(conn.execute(counted, {**self._clock_params(), "most": limit}).scalar_one())
+
+    def _runnable_statement(self, queues: tuple[str, ...]) -> Any:
+        runnable = select(tasks.c.id).where(
+            tasks.c.status == PENDING, tasks.c.run_at <= self._now_param()
+        )
+        if queues:
+            runnable = runnable.where(tasks.c.queue.in_(queues))
+        limited = runnable.limit(sa.bindparam("most", type_=Integer)).subquery()
+        return select(func.count()).select_from(limited)
 
     def task_counts(self, queues: Sequence[str] = ()) -> tuple[int, int]:
         """(running, pending) tasks in these queues (all when empty): the systemd STATUS line."""

@@ -52,7 +52,7 @@ def pokes(pool: Pool) -> int:
     return sum(
         len(event["workers"])
         for event in pool.events()
-        if event.get("event") == "wake.poked" and event.get("tasks") is not None
+        if event.get("event") == "wake.poked" and event.get("why") == "announced"
     )
 
 
@@ -84,6 +84,20 @@ def test_idle_pool_starts_a_task_at_once_for_its_own_queues_and_stops_at_once(
     assert pool.wait(timeout=20) == 0
     assert time.monotonic() - began < 5  # idle workers left at once, not after their poll
     assert count(pool, "worker.killed") == 0
+
+
+def test_a_delayed_task_starts_when_due_though_idle_workers_no_longer_poll(
+    database_url: str, start_pool: Callable[..., Pool]
+) -> None:
+    """With wake-ups on, idle workers look by themselves only every IDLE_WORKER_POLL (30 s);
+    the supervisor looks for them every poll interval, and pokes one for the task come due."""
+    pool = start_pool(database_url, workers=2, options={"--poll-interval": "0.5"})
+    ready(pool, 2)
+    delay = 1.0
+    task_id = pool.queue.enqueue("echo_async", {}, delay=delay)
+    starts_within(pool, task_id, delay + 2 * AT_ONCE)
+    looks = [e for e in pool.events() if e.get("event") == "wake.poked" and e.get("why") == "look"]
+    assert looks and looks[-1]["tasks"] == 1
 
 
 def test_task_enqueued_in_callers_transaction_starts_after_commit_and_never_before(
