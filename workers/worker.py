@@ -47,9 +47,11 @@ from workers.wake import IdleWait
 POLL_INTERVAL = 1.0  # seconds between two looks at an empty queue
 LIVENESS_INTERVAL = 0.25  # seconds between two stamps of the liveness proof
 # Batch claims: a worker claims one task; while its tasks end within FAST_TASK it claims
-# twice as many at the next round trip, up to MAX_BATCH; a slower task or a failure brings
-# it back to one. A task running past SLOW_TASK gives back the unstarted rest of its batch.
-MAX_BATCH = 10  # tasks claimed in one round trip at most
+# twice as many at the next round trip, up to MAX_BATCH and up to as many as its last
+# task's duration suggests fit in BATCH_BUDGET; a slower task or a failure brings it back
+# to one. A task running past SLOW_TASK gives back the unstarted rest of its batch.
+MAX_BATCH = 32  # tasks claimed in one round trip at most
+BATCH_BUDGET = 0.02  # seconds of work a batch should hold, by its tasks' durations so far
 FAST_TASK = 0.005  # seconds
 SLOW_TASK = 0.05  # seconds
 
@@ -221,9 +223,8 @@ class CompletionJournal:
 
 def encode_finished(done: Finished) -> bytes:
     """One journal line (the payload is left out: the fence does not need it)."""
-    claim = dataclasses.replace(done.claim, payload="")
     entry = {
-        "claim": dataclasses.asdict(claim),
+        "claim": {**vars(done.claim), "payload": ""},
         "result": done.result,
         "duration": done.duration,
         "progress": dataclasses.asdict(done.progress) if done.progress else None,
@@ -449,7 +450,12 @@ class Worker:
             self.shared.task_deadline = 0.0
             self.shared.current_task = 0
             self.shared.processed += 1
-        self.batch_size = min(MAX_BATCH, self.batch_size * 2) if fast else 1
+        self.batch_size = self._next_batch_size(time.monotonic() - started) if fast else 1
+
+    def _next_batch_size(self, took: float) -> int:
+        """Twice the last, within MAX_BATCH and BATCH_BUDGET (by the last task's duration)."""
+        fits = int(BATCH_BUDGET / took) if took > 0 else MAX_BATCH
+        return max(1, min(MAX_BATCH, self.batch_size * 2, fits))
 
     def _execute(self, claim: Claim, log: Any, started: float) -> bool:
         """Run the handler; return whether it completed within FAST_TASK. Its completion waits

@@ -1,8 +1,9 @@
 """Batch claims keep every guarantee: order, fencing, attempts, and no task held up.
 
 A worker claims one task, then (while its tasks end within workers.worker.FAST_TASK) up to
-MAX_BATCH at a time: 1, 2, 4, 8, 10. So the 18th task of a fresh worker's run is the third
-of a batch of ten: a task there that stops its own worker leaves seven claimed, unstarted.
+MAX_BATCH at a time: 1, 2, 4, 8, 16. So the 18th task of a fresh worker's run is the third
+of a batch of sixteen: a task there that stops its own worker leaves thirteen claimed,
+unstarted.
 """
 
 from __future__ import annotations
@@ -64,12 +65,12 @@ def test_unstarted_tasks_of_a_stopped_worker_get_their_attempt_back(
     event = "task.released" if signum == signal.SIGKILL else "worker.stopping"
     released = [e["released"] for e in pool.events() if e.get("event") == event]
     assert any(released), f"no batch was cut short: no {event} event with tasks"
-    for ids in released:
-        assert set(ids) <= set(records) and all(runs[i] == 1 for i in ids)
+    for ids in released:  # (a batch may hold a signaller rescued earlier, run once more)
+        assert set(ids) <= set(every) and all(runs[i] == 1 for i in ids if i in records)
 
 
 def test_order_holds_under_batch_claims(start_pool: StartPool, tmp_path: Path) -> None:
-    """One worker, batches of up to ten: tasks still run by priority, then age, then id."""
+    """One worker, batches of up to MAX_BATCH: tasks still run by priority, then age, then id."""
     pool = start_pool(workers=1, options={"--poll-interval": "30"})
     wait_until(lambda: len(pool.active_workers()) == 1, 15)
     record = {"file": str(tmp_path / "ran")}
@@ -87,9 +88,9 @@ def test_a_slow_task_does_not_hold_up_its_batch_while_another_worker_is_idle(
     """A batch with a slow task followed by quick ones: the quick ones run on the other
     worker long before the slow one ends (its worker gives them back after SLOW_TASK).
 
-    The other worker is held busy while the first warms up to batches of ten on 15 quick
-    tasks (1 + 2 + 4 + 8), so the slow task opens its next batch, nine quick ones behind it;
-    then the other worker is let go, idle, to take the nine given back."""
+    The other worker is held busy while the first warms up to batches of sixteen on 15
+    quick tasks (1 + 2 + 4 + 8), so the slow task opens its next batch, fifteen quick ones
+    behind it; then the other worker is let go, idle, to take the fifteen given back."""
     pool = start_pool(workers=2)
     wait_until(lambda: len(pool.active_workers()) == 2, 15)
     record = {"file": str(tmp_path / "ran")}
