@@ -502,6 +502,16 @@ def _insert_arrays_statement() -> Any:
     return sa.insert(tasks).from_select(names, rows)
 
 
+def _stale(cutoff: ColumnElement[datetime]) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """An active worker, and a running or stopping supervisor, silent since the cutoff."""
+    return (
+        sa.and_(task_workers.c.is_active, task_workers.c.last_heartbeat < cutoff),
+        sa.and_(
+            supervisors.c.status.in_(("running", "stopping")), supervisors.c.last_heartbeat < cutoff
+        ),
+    )
+
+
 def _holder_alive() -> ColumnElement[bool]:
     """A running task's worker is still active: per task, a primary-key look-up, cheap however
     many old workers pile up."""
@@ -735,6 +745,12 @@ class Store:
         one more than the last id ever given, so the batch took the `len(new)` ids that end at
         the table's sequence number now."""
         insert = self._statement("insert-many", self._task_insert)
+        driver: Any = conn.connection.dbapi_connection
+        if driver.isolation_level is None and not driver.in_transaction:
+            # The caller's connection commits each statement (autocommit): another writer's
+            # rows could come between ours, so each row reports its own id.
+            returning = insert.returning(tasks.c.id)
+            return [int(conn.execute(returning, self._task_row(i)).scalar_one()) for i in new]
         conn.execute(insert, [self._task_row(item) for item in new])
         last = conn.execute(LAST_TASK_ID).scalar_one()
         return list(range(last - len(new) + 1, last + 1))
@@ -858,7 +874,7 @@ class Store:
 
         Every write is fenced on its claim; returns the new claims and the ids of the tasks
         whose claim was lost (their outcome is not written)."""
-        now = {"at": datetime.now(UTC)} if self.is_sqlite else {}
+        now = self._clock_params()
         lost: list[int] = []
         with self._round_trip() as conn:
             for with_progress in (False, True):
@@ -1402,17 +1418,12 @@ class Store:
         another node's maintenance holds the lock (it is doing the same).
         """
         anything = self._statement("anything-stale", self._anything_stale_statement)
-        params: dict[str, Any] = {"age": timedelta(seconds=heartbeat_timeout)}
-        if self.is_sqlite:
-            params = {"cutoff": datetime.now(UTC) - params["age"]}
+        age = timedelta(seconds=heartbeat_timeout)
+        params = {"cutoff": datetime.now(UTC) - age} if self.is_sqlite else {"age": age}
         with self._read() as conn:  # the usual answer, read without taking a write lock
             if not conn.execute(anything, params).scalar():
                 return [], []
-        cutoff = self._now(-heartbeat_timeout)
-        stale = sa.and_(task_workers.c.is_active, task_workers.c.last_heartbeat < cutoff)
-        stale_supervisor = sa.and_(
-            supervisors.c.status.in_(("running", "stopping")), supervisors.c.last_heartbeat < cutoff
-        )
+        stale_worker, stale_supervisor = _stale(self._stale_cutoff())
         error = f"worker lost: no heartbeat for more than {heartbeat_timeout:g} s"
         with self._write() as conn:
             if not self._maintenance_lock(conn):
@@ -1420,41 +1431,40 @@ class Store:
             lost = list(
                 conn.execute(
                     update(task_workers)
-                    .where(stale)
+                    .where(stale_worker)
                     .values(
                         is_active=False,
                         stopped_at=self._now(),
                         exit_reason=f"heartbeat lost (silent for over {heartbeat_timeout:g} s)",
                     )
-                    .returning(task_workers.c.id)
+                    .returning(task_workers.c.id),
+                    params,
                 ).scalars()
             )
             conn.execute(
                 update(supervisors)
                 .where(stale_supervisor)
-                .values(status="dead", stopped_at=self._now())
+                .values(status="dead", stopped_at=self._now()),
+                params,
             )
             rescued = self._rescue(conn, ~_holder_alive(), error)
         return rescued, lost
 
+    def _stale_cutoff(self) -> ColumnElement[datetime]:
+        """The moment before which a heartbeat is stale: the parameter `cutoff` on SQLite (the
+        host's clock), now() minus the parameter `age` on PostgreSQL (the database's)."""
+        if self.is_sqlite:
+            return sa.bindparam("cutoff", type_=UtcDateTime)
+        return func.now() - sa.bindparam("age", type_=sa.Interval)
+
     def _anything_stale_statement(self) -> Any:
         """Whether rescue_stale_tasks has anything to do: a worker or supervisor silent since
         the cutoff, or a running task whose worker is no longer active."""
-        if self.is_sqlite:
-            cutoff: ColumnElement[datetime] = sa.bindparam("cutoff", type_=UtcDateTime)
-        else:
-            cutoff = func.now() - sa.bindparam("age", type_=sa.Interval)
+        stale_worker, stale_supervisor = _stale(self._stale_cutoff())
         return select(
             sa.or_(
-                select(task_workers.c.id)
-                .where(task_workers.c.is_active, task_workers.c.last_heartbeat < cutoff)
-                .exists(),
-                select(supervisors.c.id)
-                .where(
-                    supervisors.c.status.in_(("running", "stopping")),
-                    supervisors.c.last_heartbeat < cutoff,
-                )
-                .exists(),
+                select(task_workers.c.id).where(stale_worker).exists(),
+                select(supervisors.c.id).where(stale_supervisor).exists(),
                 select(tasks.c.id).where(tasks.c.status == RUNNING, ~_holder_alive()).exists(),
             )
         )

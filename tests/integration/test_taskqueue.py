@@ -148,6 +148,21 @@ def test_enqueue_many_writes_every_option_to_every_row(queue: TaskQueue, store: 
     assert store.claim_tasks(1, []) == []  # delayed
 
 
+def test_enqueue_many_on_an_autocommit_connection_returns_each_rows_id(
+    database_url: str, queue: TaskQueue, store: Store
+) -> None:
+    """Each statement commits on its own there: no batch-wide id arithmetic may be trusted."""
+    user = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
+    try:
+        with user.connect() as conn:
+            ids = queue.enqueue_many("job", [{"n": n} for n in range(5)], connection=conn)
+    finally:
+        user.dispose()
+    assert [json.loads(store.get_task(task_id)["payload"]) for task_id in ids] == [
+        {"n": n} for n in range(5)
+    ]
+
+
 def test_concurrent_batches_each_get_the_ids_of_their_own_rows(
     database_url: str, store: Store
 ) -> None:
