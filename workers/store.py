@@ -94,6 +94,17 @@ PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = (
     "cancelled",
 )
 PROGRESS_COLUMNS = ("progress_percentage", "current_step", "total_steps", "progress_message")
+# The columns of a batch of finished tasks as Store._complete_statement reads it: the fence,
+# the outcome, then (for tasks whose last progress is not written yet) PROGRESS_COLUMNS.
+DONE_PROGRESS = ("percentage", "step", "total_steps", "message")
+DONE: dict[str, Any] = {
+    "id": sa.BigInteger,
+    "worker": sa.BigInteger,
+    "attempt": Integer,
+    "outcome": Text,
+    "took": Float,
+    **dict(zip(DONE_PROGRESS, (Float, Text, Integer, Text), strict=True)),
+}
 STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 
@@ -965,18 +976,18 @@ class Store:
     def _complete_all(
         self, conn: Connection, finished: list[Finished], with_progress: bool, now: dict[str, Any]
     ) -> list[int]:
-        """running -> completed for the finished tasks (one executemany); the ids lost."""
+        """running -> completed for the finished tasks, in one statement; the ids lost."""
         statement = self._statement(
             ("complete", with_progress), self._complete_statement, with_progress
         )
-        batch = []
-        for done in finished:
-            params = {**now, **self._fence_params(done.claim), "outcome": done.result}
-            params["took"] = done.duration
-            if done.progress is not None:
-                params.update(self._progress_params(done.progress))
-            batch.append(params)
-        if conn.execute(statement, batch).rowcount == len(finished):
+        rows = [self._done_row(done, with_progress) for done in finished]
+        if self.is_sqlite:
+            params = {**now, "done": json.dumps(rows)}
+        else:  # one array per column
+            names = list(DONE)[: len(rows[0])]  # the progress columns only with progress
+            columns = zip(names, zip(*rows, strict=True), strict=True)
+            params = {f"done_{name}": list(column) for name, column in columns}
+        if conn.execute(statement, params).rowcount == len(finished):
             return []
         # Some claims were lost (rare): the tasks that are not now completed under our fence.
         query = select(tasks.c.id, tasks.c.status, tasks.c.worker_id, tasks.c.attempts).where(
@@ -989,6 +1000,16 @@ class Store:
             if (row.status, row.worker_id, row.attempts) == fence:
                 ours.add(row.id)
         return [task_id for task_id in claims if task_id not in ours]
+
+    @staticmethod
+    def _done_row(done: Finished, with_progress: bool) -> list[Any]:
+        """One finished task as a row of _complete_statement's `done` (DONE's order)."""
+        claim = done.claim
+        row: list[Any] = [claim.id, claim.worker_id, claim.attempts, done.result, done.duration]
+        if with_progress:
+            progress = done.progress or Progress()
+            row += [progress.percentage, progress.step, progress.total_steps, progress.message]
+        return row
 
     def release_unstarted(self, worker_id: int, task_ids: Sequence[int]) -> list[int]:
         """Give back, attempt uncounted, the tasks a gone worker had claimed but never
@@ -1012,10 +1033,6 @@ class Store:
         if released and self.is_sqlite:
             wake.ring(self._wake_dir, wake.payloads(released))
         return [task_id for _queue, task_id in released]
-
-    def _progress_params(self, progress: Progress) -> dict[str, Any]:
-        """_progress_values as the parameters of _complete_statement."""
-        return {f"new_{name}": value for name, value in self._progress_values(progress).items()}
 
     # The hot path's statements are built once per Store and reused with bound parameters:
     # SQLAlchemy then finds each one's compiled form without rebuilding it or its cache key.
@@ -1093,16 +1110,41 @@ class Store:
         )
 
     def _complete_statement(self, with_progress: bool) -> Any:
-        progress: dict[str, Any] = {name: sa.bindparam(f"new_{name}") for name in PROGRESS_COLUMNS}
+        """running -> completed for a batch of finished tasks, each fenced on its own claim:
+        an UPDATE ... FROM the batch as rows `done` (DONE), whatever the batch's size one
+        short statement. PostgreSQL sends the batch as one array per column (unnest),
+        SQLite as one JSON array of rows (json_each)."""
+        names = list(DONE)[: None if with_progress else -len(DONE_PROGRESS)]
+        done: Any
+        if self.is_sqlite:
+            each = func.json_each(sa.bindparam("done", type_=Text)).table_valued("value")
+            picks = [func.json_extract(each.c.value, f"$[{i}]") for i in range(len(names))]
+            labelled = (pick.label(name) for pick, name in zip(picks, names, strict=True))
+            done = select(*labelled).subquery("done")
+        else:
+            arrays = [
+                sa.bindparam(f"done_{name}", type_=postgresql.ARRAY(DONE[name])) for name in names
+            ]
+            columns = [sa.column(name, DONE[name]) for name in names]
+            done = func.unnest(*arrays).table_valued(*columns).render_derived(name="done")
+        progress = {}
+        if with_progress:
+            pairs = zip(PROGRESS_COLUMNS, DONE_PROGRESS, strict=True)
+            progress = {column: done.c[name] for column, name in pairs}
         return (
             update(tasks)
-            .where(self._param_fence())
+            .where(
+                tasks.c.id == done.c.id,
+                tasks.c.status == RUNNING,
+                tasks.c.worker_id == done.c.worker,
+                tasks.c.attempts == done.c.attempt,
+            )
             .values(
                 status=COMPLETED,
-                result=sa.bindparam("outcome", type_=Text),
+                result=done.c.outcome,
                 completed_at=self._now_param(),
-                duration=sa.bindparam("took", type_=Float),
-                **(progress if with_progress else {}),
+                duration=done.c.took,
+                **progress,
             )
         )
 

@@ -30,6 +30,32 @@ def test_one_round_trip_completes_releases_and_claims_in_order(store: Store) -> 
     )
 
 
+def test_a_batch_of_completions_writes_each_tasks_own_outcome_exactly(store: Store) -> None:
+    """One statement completes the batch (the rows travel as arrays or as JSON): each value
+    arrives as it was, whatever its JSON type, and progress only where there is some."""
+    results = ['"a \\"quoted\\" ünïcode"', "null", "1.5", '{"k": [1, "2"]}', "[]", "true"]
+    ids = store.enqueue([NewTask("t") for _ in results])
+    claims, _lost = store.finish_and_claim(2, (), limit=len(results))
+    progress = Progress(12.5, "3", 7, "step «three»")
+    done = [
+        Finished(claim, result, 0.25 * index, progress if index % 2 else None)
+        for index, (claim, result) in enumerate(zip(claims, results, strict=True))
+    ]
+    _claims, lost = store.finish_and_claim(2, (), done, limit=0)
+    assert lost == []
+    for index, (task_id, result) in enumerate(zip(ids, results, strict=True)):
+        row = _row(store, task_id)
+        written = (row["status"], row["result"], row["duration"], row["completed_at"] is not None)
+        assert written == ("completed", result, 0.25 * index, True)
+        shown = (
+            row["progress_percentage"],
+            row["current_step"],
+            row["total_steps"],
+            row["progress_message"],
+        )
+        assert shown == ((12.5, "3", 7, "step «three»") if index % 2 else (None,) * 4)
+
+
 def test_a_lost_claim_is_reported_and_not_written_the_others_are(store: Store) -> None:
     ids = store.enqueue([NewTask("t") for _ in range(3)])
     claims, _lost = store.finish_and_claim(7, (), limit=3)
