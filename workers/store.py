@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select as io_select  # (sqlalchemy.select is the query builder)
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -451,7 +452,17 @@ def _postgres_connect_args(url: sa.URL) -> dict[str, Any]:
 
 
 def _install_postgres_settings(engine: Engine) -> None:
-    """A connection the server ended is a transient error like any other disconnection."""
+    """A connection the server ended is replaced at checkout, or else a transient error."""
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        # A pre-ping without a round trip: an idle connection receives nothing, unless the
+        # server is ending it (a restart, a terminated backend: its last words, then EOF).
+        # Anything waiting on the socket, or a closed one, and the pool connects afresh,
+        # rather than fail the first statement after a restart. (A vanished host sends
+        # nothing: its statements fail after the TCP timeouts, as a round trip would.)
+        if dbapi_connection.closed or io_select.select([dbapi_connection.fileno()], [], [], 0)[0]:
+            raise sa.exc.DisconnectionError("the server ended this idle connection")
 
     @event.listens_for(engine, "handle_error")
     def _on_error(context: Any) -> BaseException | None:
@@ -554,13 +565,10 @@ class Store:
             wait_ms = SQLITE_BUSY_TIMEOUT_MS if busy_timeout is None else int(busy_timeout * 1000)
             _install_sqlite_settings(self.engine, self.sqlite_synchronous.upper(), wait_ms)
         else:
-            # pre-ping: a connection that outlived a server restart is replaced when it is
-            # checked out, rather than failing the first statement after the restart
             self.engine = sa.create_engine(
                 self.url,
                 pool_size=2,
                 max_overflow=4,
-                pool_pre_ping=True,
                 connect_args=_postgres_connect_args(self.url),
             )
             _install_postgres_settings(self.engine)
@@ -725,6 +733,8 @@ class Store:
             if self.is_sqlite:
                 wake.ring_at_commit(connection, self._wake_dir, self._announcements(new, ids))
             return ids
+        if not self.is_sqlite and len(new) == 1 and new[0].unique_key is None:
+            return [self._enqueue_one_postgres(new[0])]
         with self._write() as conn:
             ids = self._enqueue(conn, new)
         if self.is_sqlite:
@@ -749,6 +759,29 @@ class Store:
         if not self.is_sqlite:
             self._notify(conn, self._announcements(new, ids))
         return ids
+
+    def _enqueue_one_postgres(self, item: NewTask) -> int:
+        """One task in one autocommit statement that inserts it and, from its RETURNING,
+        notifies (unless delayed): one round trip and one commit, where a transaction takes
+        four round trips (BEGIN, INSERT, NOTIFY, COMMIT)."""
+        if item.delay:
+            statement = self._statement("insert-one", self._task_insert).returning(tasks.c.id)
+        else:
+            statement = self._statement("insert-notify", self._insert_notify_statement)
+        params = {**self._task_row(item), "wake_queue": wake.queue_part(item.queue)}
+        with self.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            return int(conn.execute(statement, params).scalar_one())
+
+    def _insert_notify_statement(self) -> Any:
+        """PostgreSQL: WITH new AS (INSERT ... RETURNING id) SELECT id, pg_notify(...) FROM
+        new; the payload as wake.payloads writes it for one task (see wake.queue_part)."""
+        # the row's values as parameters (in a CTE, an INSERT takes no columns from them)
+        names = [name for name in self._task_row(NewTask("")) if name != "delay"]
+        columns = {name: sa.bindparam(name, type_=tasks.c[name].type) for name in names}
+        new = self._task_insert().values(columns).returning(tasks.c.id).cte("new")
+        payload = func.concat("1:", new.c.id, ":", sa.bindparam("wake_queue", type_=Text))
+        return select(new.c.id, func.pg_notify(wake.CHANNEL, payload))
 
     def _insert_many_sqlite(self, conn: Connection, new: Sequence[NewTask]) -> list[int]:
         """One executemany, no RETURNING (SQLite would run it row by row). The ids follow

@@ -61,6 +61,12 @@ def payloads(ready: Iterable[tuple[str, int]]) -> list[str]:
     return [_encode(counts[queue], tokens[queue], queue) for queue in counts]
 
 
+def queue_part(queue: str) -> str:
+    """What follows ``1:<id>:`` in the payload of one task whose id is not known yet (an
+    INSERT that notifies from its own RETURNING): as `payloads` encodes it, for any id."""
+    return _encode(1, 2**63 - 1, queue).split(":", 2)[2]
+
+
 def _encode(count: int, token: int, queue: str) -> str:
     text = f"{count}:{token}:{queue}"
     if "\n" in queue or len(text.encode("utf-8")) > MAX_PAYLOAD_BYTES:

@@ -43,6 +43,7 @@ from tests.acceptance.measure_outage import (
 )
 from tests.acceptance.pool import Pool, is_running
 from tests.private_postgres import PrivatePostgres, Unavailable
+from workers import TaskQueue
 from workers.context import TaskContext
 from workers.store import SQLITE_BUSY_TIMEOUT_MS, NewTask, Store, supervisors, task_workers
 
@@ -210,3 +211,24 @@ def test_handler_writes_wait_out_a_locked_database(sqlite_url: str) -> None:
         "written once the lock is gone"
     ]
     store.dispose()
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_an_enqueue_after_a_server_restart_takes_a_new_connection(
+    private_postgres: PrivatePostgres, mode: str
+) -> None:
+    """The pool's connections died with the server: the next enqueue replaces its connection
+    at checkout (no round trip is spent to find that out) rather than fail."""
+    url = private_postgres.create_database()
+    store = Store(url)
+    store.init_schema()
+    queue = TaskQueue(url, store=store)
+    try:
+        before = queue.enqueue("t", {"n": 1})  # its connection goes back to the pool
+        private_postgres.stop(mode)  # fast: the server says goodbye; immediate: a crash
+        private_postgres.start()
+        after = queue.enqueue("t", {"n": 2})
+        assert sorted(task["id"] for task in store.list_tasks()) == [before, after]
+        assert [store.get_task(i)["payload"] for i in (before, after)] == ['{"n":1}', '{"n":2}']
+    finally:
+        store.dispose()

@@ -64,8 +64,9 @@ def test_postgres_notifies_at_commit_once_per_queue(pg_listener: tuple[Store, An
     queue.enqueue_many("t", [{}, {}, {}], queue="a")
     queue.enqueue("t", queue="b")
     queue.enqueue("t", queue="later", delay=60)  # due later: polling finds it, no wake-up
+    queue.enqueue("t", queue="long" * 1_000)  # too long for a payload: it names no queue
 
-    assert collect(listening, 2) == [("a", 3), ("b", 1)]
+    assert collect(listening, 3) == [("a", 3), ("b", 1), (None, 1)]
 
     # Inside the caller's own transaction: nothing until it commits, then one per enqueue
     # (PostgreSQL would fold identical payloads of one transaction; the token keeps them apart).
