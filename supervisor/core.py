@@ -41,7 +41,7 @@ from supervisor.signals import SignalInbox
 from workers import __version__, registry
 from workers.resilience import Outage
 from workers.store import PURGE_BATCH, TRANSIENT_ERRORS, Finished, Rescued, Store, WorkerStats
-from workers.worker import EXIT_BOOT_FAILURE, WorkerArgs
+from workers.worker import EXIT_BOOT_FAILURE, LIVENESS_INTERVAL, WorkerArgs
 
 HEARTBEAT_INTERVAL = 2.0  # seconds between two heartbeat statements
 HEARTBEAT_TIMEOUT = 30.0  # seconds of silence (database clock) before any node rescues
@@ -682,6 +682,7 @@ class Supervisor:
             queues=self.queues,
             imports=self.imports,
             poll_interval=IDLE_WORKER_POLL if self.wake_up else self.poll_interval,
+            liveness_interval=min(LIVENESS_INTERVAL, self.worker_timeout / 8),
             max_tasks=self.max_tasks_per_worker,
             max_memory_mb=self.max_memory_per_worker,
             log_format=self.log_format,

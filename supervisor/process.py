@@ -47,6 +47,7 @@ class WorkerHandle:
         self.pid_recorded = False  # its row has its pid (retried while the database is down)
         self.generation = 0  # the configuration it was started with (bumped by SIGHUP)
         self.retiring = False  # asked to leave after its task (scale down, reload)
+        self._psutil: psutil.Process | None = None
         fd = os.memfd_create(f"taskherd-worker-{worker_id}")
         self._stack_fd = os.memfd_create(f"taskherd-stack-{worker_id}")
         self._journal_fd = os.memfd_create(f"taskherd-journal-{worker_id}")
@@ -123,7 +124,9 @@ class WorkerHandle:
     def rss_mb(self) -> float | None:
         """The worker's resident memory in MiB (psutil), None if it cannot be read."""
         try:
-            return round(float(psutil.Process(self.pid).memory_info().rss) / 2**20, 1)
+            if self._psutil is None:  # made once: it reads /proc to know the process again
+                self._psutil = psutil.Process(self.pid)
+            return round(float(self._psutil.memory_info().rss) / 2**20, 1)
         except psutil.Error:
             return None
 

@@ -95,8 +95,9 @@ PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = (
     "cancelled",
 )
 PROGRESS_COLUMNS = ("progress_percentage", "current_step", "total_steps", "progress_message")
-# The columns of a batch of finished tasks as Store._complete_statement reads it: the fence,
-# the outcome, then (for tasks whose last progress is not written yet) PROGRESS_COLUMNS.
+# Batches of rows that one statement writes (Store._batch_rows): their columns and types.
+# Finished tasks (Store._complete_statement): the fence, the outcome, then, for tasks whose
+# last progress is not written yet, PROGRESS_COLUMNS.
 DONE_PROGRESS = ("percentage", "step", "total_steps", "message")
 DONE: dict[str, Any] = {
     "id": sa.BigInteger,
@@ -106,6 +107,15 @@ DONE: dict[str, Any] = {
     "took": Float,
     **dict(zip(DONE_PROGRESS, (Float, Text, Integer, Text), strict=True)),
 }
+# Workers' heartbeats (Store._worker_beat_statement).
+BEAT: dict[str, Any] = {
+    "id": sa.BigInteger,
+    "task": sa.BigInteger,
+    "processed": Integer,
+    "failed": Integer,
+    "rss": Float,
+}
+_BATCH_COLUMNS = {"done": list(DONE), "beat": list(BEAT)}
 STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 
@@ -1014,12 +1024,7 @@ class Store:
             ("complete", with_progress), self._complete_statement, with_progress
         )
         rows = [self._done_row(done, with_progress) for done in finished]
-        if self.is_sqlite:
-            params = {**now, "done": json.dumps(rows)}
-        else:  # one array per column
-            names = list(DONE)[: len(rows[0])]  # the progress columns only with progress
-            columns = zip(names, zip(*rows, strict=True), strict=True)
-            params = {f"done_{name}": list(column) for name, column in columns}
+        params = {**now, **self._batch_params("done", rows)}
         if conn.execute(statement, params).rowcount == len(finished):
             return []
         # Some claims were lost (rare): the tasks that are not now completed under our fence.
@@ -1076,6 +1081,34 @@ class Store:
         if statement is None:
             statement = self._statements[key] = build(*args)
         return statement
+
+    def _batch_rows(self, name: str, columns: Mapping[str, Any]) -> Any:
+        """A batch of rows as a table `name` of one statement, whatever the batch's size a
+        short one: PostgreSQL takes one array per column (unnest over parameters
+        `<name>_<column>`), SQLite one JSON array of rows (json_each over parameter `<name>`).
+        _batch_params gives the parameters."""
+        if not self.is_sqlite:
+            arrays = [
+                sa.bindparam(f"{name}_{column}", type_=postgresql.ARRAY(kind))
+                for column, kind in columns.items()
+            ]
+            typed = [sa.column(column, kind) for column, kind in columns.items()]
+            return func.unnest(*arrays).table_valued(*typed).render_derived(name=name)
+        each = func.json_each(sa.bindparam(name, type_=Text)).table_valued("value")
+        picks = [
+            sa.type_coerce(func.json_extract(each.c.value, f"$[{index}]"), kind).label(column)
+            for index, (column, kind) in enumerate(columns.items())
+        ]
+        return select(*picks).subquery(name)
+
+    def _batch_params(self, name: str, rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+        """The parameters of _batch_rows(name, columns) for rows in the columns' order."""
+        if self.is_sqlite:
+            return {name: json.dumps(rows)}
+        count = len(rows[0])
+        columns = _BATCH_COLUMNS[name][:count]  # a batch may leave out its last columns
+        arrays = zip(columns, zip(*rows, strict=True), strict=True)
+        return {f"{name}_{column}": list(values) for column, values in arrays}
 
     def _now_param(self) -> ColumnElement[datetime]:
         """Now by the database clock, as a parameter `at` on SQLite (the host's clock)."""
@@ -1145,21 +1178,9 @@ class Store:
     def _complete_statement(self, with_progress: bool) -> Any:
         """running -> completed for a batch of finished tasks, each fenced on its own claim:
         an UPDATE ... FROM the batch as rows `done` (DONE), whatever the batch's size one
-        short statement. PostgreSQL sends the batch as one array per column (unnest),
-        SQLite as one JSON array of rows (json_each)."""
+        short statement."""
         names = list(DONE)[: None if with_progress else -len(DONE_PROGRESS)]
-        done: Any
-        if self.is_sqlite:
-            each = func.json_each(sa.bindparam("done", type_=Text)).table_valued("value")
-            picks = [func.json_extract(each.c.value, f"$[{i}]") for i in range(len(names))]
-            labelled = (pick.label(name) for pick, name in zip(picks, names, strict=True))
-            done = select(*labelled).subquery("done")
-        else:
-            arrays = [
-                sa.bindparam(f"done_{name}", type_=postgresql.ARRAY(DONE[name])) for name in names
-            ]
-            columns = [sa.column(name, DONE[name]) for name in names]
-            done = func.unnest(*arrays).table_valued(*columns).render_derived(name="done")
+        done = self._batch_rows("done", {name: DONE[name] for name in names})
         progress = {}
         if with_progress:
             pairs = zip(PROGRESS_COLUMNS, DONE_PROGRESS, strict=True)
@@ -1362,7 +1383,7 @@ class Store:
         desired_workers: int | None = None,
     ) -> set[int]:
         """Stamp the supervisor (with its crash streak) and all its live workers: one statement
-        per table (the workers' as one executemany), then look up the workers declared lost.
+        per table.
 
         Returns the workers another node has declared lost meanwhile (their rows are no
         longer active): their tasks were rescued, and they must not go on. A supervisor
@@ -1377,14 +1398,7 @@ class Store:
             "desired": desired_workers,
         }
         rows = [
-            {
-                **clock,
-                "stamped_id": worker_id,
-                "task": stats.current_task_id,
-                "processed": stats.processed,
-                "failed": stats.failed,
-                "rss": stats.rss_mb,
-            }
+            [worker_id, stats.current_task_id, stats.processed, stats.failed, stats.rss_mb]
             for worker_id, stats in workers.items()
         ]
         with self._write() as conn:
@@ -1393,11 +1407,9 @@ class Store:
             )
             if not rows:
                 return set()
-            conn.execute(self._statement("beat-workers", self._worker_beat_statement), rows)
-            inactive = select(task_workers.c.id).where(
-                task_workers.c.id.in_(list(workers)), ~task_workers.c.is_active
-            )
-            return set(conn.execute(inactive).scalars())
+            beat = self._statement("beat-workers", self._worker_beat_statement)
+            stamped = conn.execute(beat, {**clock, **self._batch_params("beat", rows)}).scalars()
+            return set(workers) - set(stamped)
 
     def _clock_params(self) -> dict[str, Any]:
         """The parameter `at` of the statements that use _now_param (SQLite only)."""
@@ -1422,21 +1434,21 @@ class Store:
         )
 
     def _worker_beat_statement(self) -> Any:
-        """One worker's heartbeat, run for all of them in one executemany; a row another node
-        declared lost (no longer active) is left alone."""
+        """The heartbeats of all the supervisor's workers (BEAT), in one statement that
+        returns the rows it stamped: a row another node declared lost (no longer active) is
+        left alone, and missing from them."""
+        beat = self._batch_rows("beat", BEAT)
         return (
             update(task_workers)
-            .where(
-                task_workers.c.id == sa.bindparam("stamped_id", type_=Integer),
-                task_workers.c.is_active,
-            )
+            .where(task_workers.c.id == beat.c.id, task_workers.c.is_active)
             .values(
                 last_heartbeat=self._now_param(),
-                current_task_id=sa.bindparam("task", type_=sa.BigInteger),
-                processed_tasks_count=sa.bindparam("processed", type_=Integer),
-                failed_tasks_count=sa.bindparam("failed", type_=Integer),
-                rss_mb=sa.bindparam("rss", type_=Float),
+                current_task_id=beat.c.task,
+                processed_tasks_count=beat.c.processed,
+                failed_tasks_count=beat.c.failed,
+                rss_mb=beat.c.rss,
             )
+            .returning(task_workers.c.id)
         )
 
     def cancel_requests(self, worker_ids: Sequence[int]) -> dict[int, int]:

@@ -2,7 +2,7 @@
 
 `main` is the process target the supervisor starts. It installs its own signal
 handlers first, builds its own engine, proves it is alive through shared memory
-that its supervisor reads, and exits within about a second if that supervisor dies.
+that its supervisor reads, and exits within a second if that supervisor dies.
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ from workers.store import (
 from workers.wake import IdleWait
 
 POLL_INTERVAL = 1.0  # seconds between two looks at an empty queue
-LIVENESS_INTERVAL = 0.25  # seconds between two stamps of the liveness proof
+# Seconds between two stamps of the liveness proof, at most (WorkerArgs.liveness_interval:
+# the supervisor asks for an eighth of its worker timeout when that is shorter). Also how
+# soon a worker notices that its supervisor is gone.
+LIVENESS_INTERVAL = 1.0
 # Batch claims: a worker claims one task; while its tasks end within FAST_TASK it claims
 # twice as many at the next round trip, up to MAX_BATCH and up to as many as its last
 # task's duration suggests fit in BATCH_BUDGET; a slower task or a failure brings it back
@@ -113,6 +116,7 @@ class WorkerArgs:
     queues: tuple[str, ...] = ()
     imports: tuple[str, ...] = ()
     poll_interval: float = POLL_INTERVAL
+    liveness_interval: float = LIVENESS_INTERVAL
     log_format: str | None = None
     log_level: str = "info"
     max_tasks: int | None = None
@@ -154,7 +158,10 @@ def main(args: WorkerArgs, shared: SharedState) -> None:
     log = structlog.get_logger().bind(worker_id=args.worker_id, pid=os.getpid(), node=args.node)
     shared.beat = time.monotonic()
     threading.Thread(
-        target=_prove_alive, args=(shared, args.supervisor_pid, log), name="liveness", daemon=True
+        target=_prove_alive,
+        args=(shared, args.supervisor_pid, args.liveness_interval, log),
+        name="liveness",
+        daemon=True,
     ).start()
     try:
         registry.import_modules(args.imports)
@@ -179,14 +186,14 @@ def main(args: WorkerArgs, shared: SharedState) -> None:
     sys.exit(exit_code)
 
 
-def _prove_alive(shared: SharedState, supervisor_pid: int, log: Any) -> None:
+def _prove_alive(shared: SharedState, supervisor_pid: int, interval: float, log: Any) -> None:
     """Stamp the liveness proof; leave at once if the supervisor is gone."""
     while True:
         shared.beat = time.monotonic()
         if os.getppid() != supervisor_pid:
             log.error("worker.orphaned", supervisor_pid=supervisor_pid)
             os._exit(EXIT_ORPHANED)
-        time.sleep(LIVENESS_INTERVAL)
+        time.sleep(interval)
 
 
 class CompletionJournal:
