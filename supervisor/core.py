@@ -41,7 +41,12 @@ from supervisor.signals import SignalInbox
 from workers import __version__, registry
 from workers.resilience import Outage
 from workers.store import PURGE_BATCH, TRANSIENT_ERRORS, Finished, Rescued, Store, WorkerStats
-from workers.worker import EXIT_BOOT_FAILURE, LIVENESS_INTERVAL, WorkerArgs
+from workers.worker import (
+    EXIT_BOOT_FAILURE,
+    LIVENESS_INTERVAL,
+    WorkerArgs,
+    release_free_memory,
+)
 
 HEARTBEAT_INTERVAL = 2.0  # seconds between two heartbeat statements
 HEARTBEAT_TIMEOUT = 30.0  # seconds of silence (database clock) before any node rescues
@@ -165,6 +170,7 @@ class Supervisor:
         )
         try:
             self.boot()
+            release_free_memory()  # a process of its own: what booting freed goes back
             self.loop()
         finally:
             self.shutdown()

@@ -8,6 +8,7 @@ differences live here and nowhere else.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import select as io_select  # (sqlalchemy.select is the query builder)
@@ -38,7 +39,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import DateTime, TypeDecorator
@@ -490,6 +490,12 @@ def _install_postgres_settings(engine: Engine) -> None:
         return None
 
 
+def _dialect(name: str) -> Any:
+    """sqlalchemy.dialects.<name> (sqlite or postgresql): imported by the processes that use
+    that engine only, so each keeps the other's megabytes out of its memory."""
+    return importlib.import_module(f"sqlalchemy.dialects.{name}")
+
+
 def _insert_arrays_statement() -> Any:
     """PostgreSQL: INSERT INTO tasks SELECT ... FROM unnest(one array per column), with
     run_at and created_at by the database clock (Store._insert_many_postgres)."""
@@ -503,6 +509,7 @@ def _insert_arrays_statement() -> Any:
         "timeout": Float,
         "delay": Float,
     }
+    postgresql = _dialect("postgresql")
     arrays: list[Any] = [
         sa.bindparam(f"new_{name}", type_=postgresql.ARRAY(kind)) for name, kind in types.items()
     ]
@@ -653,7 +660,8 @@ class Store:
         """column (a JSON array as text) with entry appended."""
         if self.is_sqlite:
             return func.json_insert(column, "$[#]", entry)
-        array = sa.cast(column, postgresql.JSONB).op("||")(func.jsonb_build_array(entry))
+        jsonb = sa.cast(column, _dialect("postgresql").JSONB)
+        array = jsonb.op("||")(func.jsonb_build_array(entry))
         return sa.cast(array, Text)
 
     def _history_entry(self, error: str) -> ColumnElement[Any]:
@@ -677,7 +685,7 @@ class Store:
         )
 
     def _insert(self, table: Table) -> Any:
-        return (sqlite.insert if self.is_sqlite else postgresql.insert)(table)
+        return _dialect(self.dialect).insert(table)
 
     # -- schema ----------------------------------------------------------------------
 
@@ -1089,7 +1097,7 @@ class Store:
         _batch_params gives the parameters."""
         if not self.is_sqlite:
             arrays = [
-                sa.bindparam(f"{name}_{column}", type_=postgresql.ARRAY(kind))
+                sa.bindparam(f"{name}_{column}", type_=_dialect("postgresql").ARRAY(kind))
                 for column, kind in columns.items()
             ]
             typed = [sa.column(column, kind) for column, kind in columns.items()]
@@ -1290,7 +1298,7 @@ class Store:
         """Append one entry to the task's execution_log."""
         text = sa.literal(json.dumps(entry), Text)
         value: ColumnElement[Any] = (
-            func.json(text) if self.is_sqlite else sa.cast(text, postgresql.JSONB)
+            func.json(text) if self.is_sqlite else sa.cast(text, _dialect("postgresql").JSONB)
         )
         statement = (
             update(tasks)
