@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_QUEUE = "default"
@@ -33,10 +33,10 @@ class TaskSpec:
     max_retries: int = DEFAULT_MAX_RETRIES
     timeout: float | None = None
     retry_backoff: float = DEFAULT_RETRY_BACKOFF
+    is_async: bool = field(init=False)  # an `async def` handler (known once, not per task)
 
-    @property
-    def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.handler)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.handler))
 
 
 _registry: dict[str, TaskSpec] = {}

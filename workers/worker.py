@@ -247,26 +247,29 @@ class CompletionJournal:
 
 
 def encode_finished(done: Finished) -> bytes:
-    """One journal line (the payload is left out: the fence does not need it)."""
-    entry = {
-        "claim": {**vars(done.claim), "payload": ""},
-        "result": done.result,
-        "duration": done.duration,
-        "progress": dataclasses.asdict(done.progress) if done.progress else None,
-    }
+    """One journal line: a JSON array of what the fenced write needs and what its log line
+    names (the payload and the claim's other fields are left out)."""
+    claim, progress = done.claim, done.progress
+    entry = [claim.id, claim.worker_id, claim.attempts, claim.task_type, claim.queue]
+    entry += [done.result, done.duration]
+    if progress is not None:
+        entry += [progress.percentage, progress.step, progress.total_steps, progress.message]
     return (json.dumps(entry) + "\n").encode("utf-8")
 
 
 def read_journal(fd: int, size: int) -> list[Finished]:
-    """The whole entries of a worker's completion journal (what its supervisor writes)."""
+    """The whole entries of a worker's completion journal (what its supervisor writes). A
+    claim read back carries its fence (id, worker, attempt), type and queue, nothing more."""
     if fd < 0 or size <= 0:
         return []
     finished = []
     for line in os.pread(fd, size, 0).decode("utf-8").splitlines():
-        entry = json.loads(line)
-        progress = Progress(**entry["progress"]) if entry["progress"] else None
+        task_id, worker_id, attempts, task_type, queue, result, duration, *progress = json.loads(
+            line
+        )
+        claim = Claim(task_id, task_type, "", queue, 0, attempts, 0, None, worker_id)
         finished.append(
-            Finished(Claim(**entry["claim"]), entry["result"], entry["duration"], progress)
+            Finished(claim, result, duration, Progress(*progress) if progress else None)
         )
     return finished
 
@@ -308,6 +311,7 @@ class Worker:
         self._finished: list[Finished] = []
         self._journal = CompletionJournal(args.journal_fd, shared)  # under _lock
         self._running: tuple[int, float] | None = None
+        self._slots: dict[int, int] = {}  # task id -> its slot in shared.unstarted (under _lock)
         self._settling = threading.Lock()  # one settle at a time (the guard's or the exit's)
         threading.Thread(target=self._guard_batch, name="batch-guard", daemon=True).start()
 
@@ -406,8 +410,15 @@ class Worker:
     def _publish_unstarted(self, claims: list[Claim]) -> None:
         """Show the supervisor which claimed tasks are not started (under _lock)."""
         slots = self.shared.unstarted
+        self._slots = {claim.id: index for index, claim in enumerate(claims)}
         for index in range(MAX_BATCH):
             slots[index] = claims[index].id if index < len(claims) else 0
+
+    def _publish_started(self, claim: Claim) -> None:
+        """The claimed task is started: no longer among the unstarted (under _lock)."""
+        index = self._slots.pop(claim.id, None)
+        if index is not None:
+            self.shared.unstarted[index] = 0
 
     def _written(self, finished: list[Finished], lost: list[int]) -> None:
         """Log the outcome of a write of completions; drop them from the journal."""
@@ -459,7 +470,7 @@ class Worker:
         self.shared.current_task = claim.id
         started = time.monotonic()
         with self._lock:
-            self._publish_unstarted(self._batch)
+            self._publish_started(claim)
             self._running = (claim.id, started)
             if self._batch or self._finished:
                 self._task_started.notify()
