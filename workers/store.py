@@ -115,7 +115,18 @@ BEAT: dict[str, Any] = {
     "failed": Integer,
     "rss": Float,
 }
-_BATCH_COLUMNS = {"done": list(DONE), "beat": list(BEAT)}
+# New tasks (Store._insert_rows_statement): PostgreSQL takes the ids from the sequence first
+# and computes run_at from the delay by its own clock; SQLite takes run_at as stored.
+NEW: dict[str, Any] = {
+    "queue": Text,
+    "task_type": Text,
+    "payload": Text,
+    "priority": Integer,
+    "max_attempts": Integer,
+    "timeout": Float,
+}
+NEW_POSTGRES = {"id": sa.BigInteger, **NEW, "delay": Float}
+NEW_SQLITE = {**NEW, "run_at": Text}
 STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 
@@ -496,51 +507,6 @@ def _dialect(name: str) -> Any:
     return importlib.import_module(f"sqlalchemy.dialects.{name}")
 
 
-def _insert_arrays_statement() -> Any:
-    """PostgreSQL: INSERT INTO tasks SELECT ... FROM unnest(one array per column), with
-    run_at and created_at by the database clock (Store._insert_many_postgres)."""
-    types = {
-        "id": sa.BigInteger,
-        "queue": Text,
-        "task_type": Text,
-        "payload": Text,
-        "priority": Integer,
-        "max_attempts": Integer,
-        "timeout": Float,
-        "delay": Float,
-    }
-    postgresql = _dialect("postgresql")
-    arrays: list[Any] = [
-        sa.bindparam(f"new_{name}", type_=postgresql.ARRAY(kind)) for name, kind in types.items()
-    ]
-    new = (
-        func.unnest(*arrays)
-        .table_valued(*(sa.column(name, kind) for name, kind in types.items()))
-        .render_derived(name="new")
-    )
-    one_second: ColumnElement[Any] = sa.literal_column("interval '1 second'")
-    rows = select(
-        new.c.id,
-        new.c.queue,
-        new.c.task_type,
-        new.c.payload,
-        sa.literal(PENDING),
-        new.c.priority,
-        sa.literal(0),
-        new.c.max_attempts,
-        new.c.timeout,
-        sa.literal("[]"),
-        sa.literal("[]"),
-        sa.false(),
-        func.now() + new.c.delay * one_second,
-        func.now(),
-    )
-    names = ["id", "queue", "task_type", "payload", "status", "priority", "attempts"]
-    names += ["max_attempts", "timeout", "error_history", "execution_log", "cancel_requested"]
-    names += ["run_at", "created_at"]
-    return sa.insert(tasks).from_select(names, rows)
-
-
 def _stale(cutoff: ColumnElement[datetime]) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
     """An active worker, and a running or stopping supervisor, silent since the cutoff."""
     return (
@@ -802,38 +768,76 @@ class Store:
         return select(new.c.id, func.pg_notify(wake.CHANNEL, payload))
 
     def _insert_many_sqlite(self, conn: Connection, new: Sequence[NewTask]) -> list[int]:
-        """One executemany, no RETURNING (SQLite would run it row by row). The ids follow
-        from AUTOINCREMENT: while this transaction holds the write lock, each new row's id is
-        one more than the last id ever given, so the batch took the `len(new)` ids that end at
-        the table's sequence number now."""
-        insert = self._statement("insert-many", self._task_insert)
+        """Every row in one statement (_insert_rows_statement), no RETURNING (SQLite would
+        run it row by row). The ids follow from AUTOINCREMENT: while this transaction holds
+        the write lock, each new row's id is one more than the last id ever given, so the
+        batch took the `len(new)` ids that end at the table's sequence number now."""
         driver: Any = conn.connection.dbapi_connection
         if driver.isolation_level is None and not driver.in_transaction:
             # The caller's connection commits each statement (autocommit): another writer's
             # rows could come between ours, so each row reports its own id.
-            returning = insert.returning(tasks.c.id)
+            returning = self._statement("insert-one", self._task_insert).returning(tasks.c.id)
             return [int(conn.execute(returning, self._task_row(i)).scalar_one()) for i in new]
-        conn.execute(insert, [self._task_row(item) for item in new])
+        now = datetime.now(UTC)
+        # as the column stores it (text): the column type's own processor, for this dialect
+        stored: Any = tasks.c.run_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+        run_at: dict[float, str] = {}  # by delay: a batch mostly has one
+        rows = []
+        for item in new:
+            due = run_at.get(item.delay)
+            if due is None:
+                due = run_at[item.delay] = stored(now + timedelta(seconds=item.delay))
+            rows.append([*self._new_row(item), due])
+        params = {"created": now, **self._batch_params("new", list(NEW_SQLITE), rows)}
+        conn.execute(self._statement("insert-rows", self._insert_rows_statement), params)
         last = conn.execute(LAST_TASK_ID).scalar_one()
         return list(range(last - len(new) + 1, last + 1))
 
     def _insert_many_postgres(self, conn: Connection, new: Sequence[NewTask]) -> list[int]:
         """Take len(new) ids from the table's identity sequence, in order, then insert every
-        row in one statement from arrays (unnest): a short statement whatever the batch's
-        size, where a VALUES list would cost the driver time per row to parse."""
+        row in one statement (_insert_rows_statement)."""
         ids = list(conn.execute(NEXT_TASK_IDS, {"count": len(new)}).scalars())
-        columns = {
-            "new_id": ids,
-            "new_queue": [item.queue for item in new],
-            "new_task_type": [item.task_type for item in new],
-            "new_payload": [item.payload for item in new],
-            "new_priority": [item.priority for item in new],
-            "new_max_attempts": [item.max_attempts for item in new],
-            "new_timeout": [item.timeout for item in new],
-            "new_delay": [item.delay for item in new],
-        }
-        conn.execute(self._statement("insert-arrays", _insert_arrays_statement), columns)
+        rows = [
+            [task_id, *self._new_row(item), item.delay]
+            for task_id, item in zip(ids, new, strict=True)
+        ]
+        params = self._batch_params("new", list(NEW_POSTGRES), rows)
+        conn.execute(self._statement("insert-rows", self._insert_rows_statement), params)
         return ids
+
+    @staticmethod
+    def _new_row(item: NewTask) -> list[Any]:
+        """A new task's values in NEW's order."""
+        return [
+            item.queue,
+            item.task_type,
+            item.payload,
+            item.priority,
+            item.max_attempts,
+            item.timeout,
+        ]
+
+    def _insert_rows_statement(self) -> Any:
+        """INSERT INTO tasks SELECT ... FROM the batch as rows `new` (_batch_rows): whatever
+        the batch's size one short statement, where a VALUES list would cost the driver time
+        per row to parse. PostgreSQL computes run_at from each delay and created_at by its
+        own clock; SQLite is given both (parameter `created`)."""
+        columns = NEW_SQLITE if self.is_sqlite else NEW_POSTGRES
+        new = self._batch_rows("new", columns)
+        if self.is_sqlite:
+            when = [new.c.run_at, sa.bindparam("created", type_=UtcDateTime)]
+        else:
+            one_second: ColumnElement[Any] = sa.literal_column("interval '1 second'")
+            when = [func.now() + new.c.delay * one_second, func.now()]
+        names = [*NEW, "status", "attempts", "error_history", "execution_log"]
+        names += ["cancel_requested", "run_at", "created_at"]
+        values = [*(new.c[name] for name in NEW), sa.literal(PENDING), sa.literal(0)]
+        values += [sa.literal("[]"), sa.literal("[]"), sa.false(), *when]
+        if self.is_sqlite:  # the rows take their ids in the batch's order
+            return sa.insert(tasks).from_select(names, select(*values).order_by(new.c.position))
+        names.insert(0, "id")
+        values.insert(0, new.c.id)
+        return sa.insert(tasks).from_select(names, select(*values))
 
     @staticmethod
     def _announcements(new: Sequence[NewTask], ids: Sequence[int]) -> list[str]:
@@ -1032,7 +1036,8 @@ class Store:
             ("complete", with_progress), self._complete_statement, with_progress
         )
         rows = [self._done_row(done, with_progress) for done in finished]
-        params = {**now, **self._batch_params("done", rows)}
+        names = list(DONE)[: len(rows[0])]  # the progress columns only with progress
+        params = {**now, **self._batch_params("done", names, rows)}
         if conn.execute(statement, params).rowcount == len(finished):
             return []
         # Some claims were lost (rare): the tasks that are not now completed under our fence.
@@ -1102,19 +1107,19 @@ class Store:
             ]
             typed = [sa.column(column, kind) for column, kind in columns.items()]
             return func.unnest(*arrays).table_valued(*typed).render_derived(name=name)
-        each = func.json_each(sa.bindparam(name, type_=Text)).table_valued("value")
+        each = func.json_each(sa.bindparam(name, type_=Text)).table_valued("value", "key")
         picks = [
             sa.type_coerce(func.json_extract(each.c.value, f"$[{index}]"), kind).label(column)
             for index, (column, kind) in enumerate(columns.items())
         ]
-        return select(*picks).subquery(name)
+        return select(*picks, each.c.key.label("position")).subquery(name)  # position: 0, 1, ...
 
-    def _batch_params(self, name: str, rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    def _batch_params(
+        self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> dict[str, Any]:
         """The parameters of _batch_rows(name, columns) for rows in the columns' order."""
         if self.is_sqlite:
             return {name: json.dumps(rows)}
-        count = len(rows[0])
-        columns = _BATCH_COLUMNS[name][:count]  # a batch may leave out its last columns
         arrays = zip(columns, zip(*rows, strict=True), strict=True)
         return {f"{name}_{column}": list(values) for column, values in arrays}
 
@@ -1416,7 +1421,8 @@ class Store:
             if not rows:
                 return set()
             beat = self._statement("beat-workers", self._worker_beat_statement)
-            stamped = conn.execute(beat, {**clock, **self._batch_params("beat", rows)}).scalars()
+            params = {**clock, **self._batch_params("beat", list(BEAT), rows)}
+            stamped = conn.execute(beat, params).scalars()
             return set(workers) - set(stamped)
 
     def _clock_params(self) -> dict[str, Any]:

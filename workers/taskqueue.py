@@ -89,10 +89,10 @@ class TaskQueue:
             delay=delay,
             timeout=timeout,
         )  # checked once: only the payload differs from task to task
+        fields = dataclasses.asdict(options)
+        del fields["payload"]  # (dataclasses.replace per task would cost more than the insert)
         batch = [
-            dataclasses.replace(
-                options, payload=self.encode_payload({} if payload is None else payload)
-            )
+            NewTask(payload=self.encode_payload({} if payload is None else payload), **fields)
             for payload in payloads
         ]
         return self.store.enqueue(batch, connection=connection)

@@ -15,7 +15,17 @@ import sqlalchemy as sa
 from sqlalchemy import func, select
 
 from workers import registry, task
-from workers.store import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, Store, UnknownTask, tasks
+from workers.store import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    NewTask,
+    Store,
+    UnknownTask,
+    tasks,
+)
 from workers.taskqueue import MAX_PAYLOAD_BYTES, InvalidTask, TaskQueue
 
 SLACK = timedelta(seconds=2)
@@ -146,6 +156,32 @@ def test_enqueue_many_writes_every_option_to_every_row(queue: TaskQueue, store: 
         assert before - SLACK <= row["created_at"] <= after + SLACK
         assert row["run_at"] - row["created_at"] == pytest.approx(timedelta(seconds=600), abs=SLACK)
     assert store.claim_tasks(1, []) == []  # delayed
+
+
+def test_a_batch_stores_each_row_exactly_as_one_enqueue_would(store: Store) -> None:
+    """A batch travels as arrays (PostgreSQL) or one JSON document (SQLite): every text
+    arrives unchanged, and SQLite's timestamps are stored in the very form the claim
+    compares as text."""
+    texts = ['{"s":"\\u00fc \\"q\\" \\n"}', '{"s":"ü «»"}', "[1,2.5,null]", '"plain"']
+    one = store.enqueue([NewTask("t", payload=texts[0], queue="q ü", priority=-3)])
+    batch = store.enqueue(
+        [NewTask("t", payload=text, queue="q ü", priority=-3, timeout=1.25) for text in texts]
+    )
+    assert [store.get_task(i)["payload"] for i in batch] == texts
+    assert {(store.get_task(i)["queue"], store.get_task(i)["priority"]) for i in batch} == {
+        ("q ü", -3)
+    }
+    if store.is_sqlite:
+        stored = sa.select(
+            sa.func.length(tasks.c.run_at),
+            sa.func.length(tasks.c.created_at),
+            sa.func.typeof(tasks.c.run_at),
+            sa.func.typeof(tasks.c.timeout),
+        )
+        with store.engine.connect() as conn:
+            single = conn.execute(stored.where(tasks.c.id == one[0])).one()
+            many = set(conn.execute(stored.where(tasks.c.id.in_(batch))).all())
+        assert many == {(single[0], single[1], "text", "real")}
 
 
 def test_enqueue_many_on_an_autocommit_connection_returns_each_rows_id(
