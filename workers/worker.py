@@ -267,7 +267,17 @@ def read_journal(fd: int, size: int) -> list[Finished]:
         task_id, worker_id, attempts, task_type, queue, result, duration, *progress = json.loads(
             line
         )
-        claim = Claim(task_id, task_type, "", queue, 0, attempts, 0, None, worker_id)
+        claim = Claim(
+            id=task_id,
+            task_type=task_type,
+            payload="",
+            queue=queue,
+            priority=0,
+            attempts=attempts,
+            max_attempts=0,
+            timeout=None,
+            worker_id=worker_id,
+        )
         finished.append(
             Finished(claim, result, duration, Progress(*progress) if progress else None)
         )
