@@ -238,7 +238,13 @@ def start_bench_and_wait_for_its_pool(
     """A bench in its drain (long enough to be caught there), and its pool's processes."""
     argv = [sys.executable, "-m", "supervisor", "--db", database_url, "bench", "--tasks", "20000"]
     process = subprocess.Popen(
-        argv, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        argv,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # Ctrl-C as a terminal sends it: a test run started in the background (`cmd &` from
+        # a script) hands its children SIGINT ignored, and Python then keeps it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     wait_until(lambda: list(tmp_path.glob(".taskherd-bench-*/pool-*.log")), 60)
     supervisors = wait_until(
