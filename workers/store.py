@@ -507,6 +507,17 @@ def _dialect(name: str) -> Any:
     return importlib.import_module(f"sqlalchemy.dialects.{name}")
 
 
+def _fenced_on(task_id: Any, worker_id: Any, attempt: Any) -> ColumnElement[bool]:
+    """The fence of every write about a claimed task: still running, by the same worker, in
+    the same attempt (values, parameters, or the columns of a batch of rows)."""
+    return sa.and_(
+        tasks.c.id == task_id,
+        tasks.c.status == RUNNING,
+        tasks.c.worker_id == worker_id,
+        tasks.c.attempts == attempt,
+    )
+
+
 def _stale(cutoff: ColumnElement[datetime]) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
     """An active worker, and a running or stopping supervisor, silent since the cutoff."""
     return (
@@ -643,12 +654,7 @@ class Store:
         )
 
     def _fence(self, claim: Claim) -> ColumnElement[bool]:
-        return sa.and_(
-            tasks.c.id == claim.id,
-            tasks.c.status == RUNNING,
-            tasks.c.worker_id == claim.worker_id,
-            tasks.c.attempts == claim.attempts,
-        )
+        return _fenced_on(claim.id, claim.worker_id, claim.attempts)
 
     def _insert(self, table: Table) -> Any:
         return _dialect(self.dialect).insert(table)
@@ -1140,11 +1146,10 @@ class Store:
     @staticmethod
     def _param_fence() -> ColumnElement[bool]:
         """_fence with its values as the parameters _fence_params names."""
-        return sa.and_(
-            tasks.c.id == sa.bindparam("fence_id", type_=Integer),
-            tasks.c.status == RUNNING,
-            tasks.c.worker_id == sa.bindparam("fence_worker", type_=Integer),
-            tasks.c.attempts == sa.bindparam("fence_attempt", type_=Integer),
+        return _fenced_on(
+            sa.bindparam("fence_id", type_=Integer),
+            sa.bindparam("fence_worker", type_=Integer),
+            sa.bindparam("fence_attempt", type_=Integer),
         )
 
     def _claim_statement(self, queues: tuple[str, ...]) -> Any:
@@ -1200,12 +1205,7 @@ class Store:
             progress = {column: done.c[name] for column, name in pairs}
         return (
             update(tasks)
-            .where(
-                tasks.c.id == done.c.id,
-                tasks.c.status == RUNNING,
-                tasks.c.worker_id == done.c.worker,
-                tasks.c.attempts == done.c.attempt,
-            )
+            .where(_fenced_on(done.c.id, done.c.worker, done.c.attempt))
             .values(
                 status=COMPLETED,
                 result=done.c.outcome,
@@ -1519,8 +1519,7 @@ class Store:
         another node's maintenance holds the lock (it is doing the same).
         """
         anything = self._statement("anything-stale", self._anything_stale_statement)
-        age = timedelta(seconds=heartbeat_timeout)
-        params = {"cutoff": datetime.now(UTC) - age} if self.is_sqlite else {"age": age}
+        params = self._stale_cutoff_params(heartbeat_timeout)
         with self._read() as conn:  # the usual answer, read without taking a write lock
             if not conn.execute(anything, params).scalar():
                 return [], []
@@ -1557,6 +1556,11 @@ class Store:
         if self.is_sqlite:
             return sa.bindparam("cutoff", type_=UtcDateTime)
         return func.now() - sa.bindparam("age", type_=sa.Interval)
+
+    def _stale_cutoff_params(self, heartbeat_timeout: float) -> dict[str, Any]:
+        """The parameter of _stale_cutoff for this heartbeat timeout."""
+        age = timedelta(seconds=heartbeat_timeout)
+        return {"cutoff": datetime.now(UTC) - age} if self.is_sqlite else {"age": age}
 
     def _anything_stale_statement(self) -> Any:
         """Whether rescue_stale_tasks has anything to do: a worker or supervisor silent since
