@@ -24,7 +24,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from workers.store import SQLITE_BUSY_TIMEOUT_MS, SQLITE_SYNCHRONOUS, SQLITE_SYNCHRONOUS_LEVELS
+from workers.store import (
+    SQLITE_BUSY_TIMEOUT_MS,
+    SQLITE_CHECKPOINT_PAGES,
+    SQLITE_SYNCHRONOUS,
+    SQLITE_SYNCHRONOUS_LEVELS,
+)
 
 RAW_TABLE = "taskherd_bench_raw"
 CLAIM_BATCH = 10
@@ -54,6 +59,7 @@ def connect(url: sa.URL) -> Any:
         conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_CHECKPOINT_PAGES}")
         return conn
     import psycopg
 

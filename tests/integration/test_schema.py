@@ -338,8 +338,39 @@ def test_sqlite_durability_is_chosen_in_the_url(tmp_path: Path, query: str, expe
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == expected  # 1 NORMAL
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            checkpoint = conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()
+            assert checkpoint == store_tables.SQLITE_CHECKPOINT_PAGES
     finally:
         store.dispose()
+
+
+def test_the_hot_statements_write_task_statuses_into_the_sql(store: Store) -> None:
+    """The claim, the batch completion and the release name each status as a literal: a
+    bound status would make SQLite prepare the statement anew at every execution (to match
+    it against a partial index's WHERE), and keep PostgreSQL's generic plan off the index."""
+    statements = {
+        "claim, any queue": store._claim_statement(()),
+        "claim, two queues": store._claim_statement(("a", "b")),
+        "complete": store._complete_statement(False),
+        "complete with progress": store._complete_statement(True),
+        "release": store._release_statement(),
+    }
+    for name, statement in statements.items():
+        compiled = statement.compile(dialect=store.engine.dialect)
+        sql = str(compiled)
+        compared = "pending" if name.startswith("claim") else "running"
+        assert f"tasks.status = '{compared}'" in sql, (name, sql)
+        # what is bound: the status set, never one compared (a SET takes no index's WHERE)
+        bound = [bind.value for bind in compiled.bind_names]
+        assert bound.count(store_tables.RUNNING) + bound.count(store_tables.PENDING) <= 1, (
+            name,
+            bound,
+        )
+
+
+def test_only_task_statuses_are_written_into_the_sql() -> None:
+    with pytest.raises(ValueError, match="not a task status"):
+        store_tables._status_is("pending' OR 1=1 --")
 
 
 @pytest.mark.parametrize("query", ["?synchronous=OFF", "?cache=shared"])
