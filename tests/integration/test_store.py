@@ -116,9 +116,9 @@ def new_worker(store: Store, supervisor_id: int) -> Callable[..., int]:
 # -- claim ---------------------------------------------------------------------------
 
 
-def test_claim_takes_highest_priority_then_oldest_run_at_then_lowest_id(
-    store: Store, new_worker: Callable[..., int]
-) -> None:
+def add_in_claim_order(store: Store) -> tuple[list[int], int]:
+    """Tasks whose claim order (priority DESC, run_at, id) is neither their id order nor
+    their run_at order, in that order; and a higher-priority task not due yet."""
     now = store.now()
     ago = lambda seconds: now - timedelta(seconds=seconds)  # noqa: E731
     plain_old = add_one(store, priority=0)
@@ -132,12 +132,27 @@ def test_claim_takes_highest_priority_then_oldest_run_at_then_lowest_id(
     set_task(store, urgent_older, run_at=ago(200))
     set_task(store, plain_old_twin, run_at=ago(300))
     set_task(store, lowest, run_at=ago(1000))
+    return [urgent_older, urgent_newer, plain_old, plain_old_twin, lowest], future
 
+
+def test_claim_takes_highest_priority_then_oldest_run_at_then_lowest_id(
+    store: Store, new_worker: Callable[..., int]
+) -> None:
+    expected, future = add_in_claim_order(store)
     worker = new_worker()
     order = [claim_one(store, worker).id for _ in range(5)]
 
-    assert order == [urgent_older, urgent_newer, plain_old, plain_old_twin, lowest]
+    assert order == expected
     assert store.claim_tasks(worker, []) == [], "a task whose run_at is in the future was claimed"
+    assert store.get_task(future)["status"] == PENDING
+
+
+def test_a_batch_claim_hands_out_its_tasks_in_claim_order(
+    store: Store, new_worker: Callable[..., int]
+) -> None:
+    expected, future = add_in_claim_order(store)
+    claims = store.claim_tasks(new_worker(), [], limit=10)
+    assert [claim.id for claim in claims] == expected
     assert store.get_task(future)["status"] == PENDING
 
 
