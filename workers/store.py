@@ -588,6 +588,7 @@ class Store:
             )
             _install_postgres_settings(self.engine)
         self._statements: dict[Any, Any] = {}  # the hot path's, built once (_statement)
+        self._compiled_statements: dict[Any, Any] = {}  # (_compiled)
         self._kept: Connection | None = None  # the worker's own connection (_round_trip)
         self._kept_thread: int | None = None  # the thread that opened it (it alone uses it)
         self._open()
@@ -775,14 +776,53 @@ class Store:
         """One task in one autocommit statement that inserts it and, from its RETURNING,
         notifies (unless delayed): one round trip and one commit, where a transaction takes
         four round trips (BEGIN, INSERT, NOTIFY, COMMIT)."""
-        if item.delay:
+        row = self._task_row(item)
+        if item.delay:  # not announced: polling finds it when it falls due
             statement = self._statement("insert-one", self._task_insert).returning(tasks.c.id)
-        else:
-            statement = self._statement("insert-notify", self._insert_notify_statement)
-        params = {**self._task_row(item), "wake_queue": wake.queue_part(item.queue)}
-        with self.engine.connect() as conn:
-            conn.execution_options(isolation_level="AUTOCOMMIT")
-            return int(conn.execute(statement, params).scalar_one())
+            with self.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                return int(conn.execute(statement, row).scalar_one())
+        compiled = self._compiled("insert-notify", self._insert_notify_statement)
+        params = compiled.construct_params({**row, "wake_queue": wake.queue_part(item.queue)})
+        with self._driver_autocommit(compiled.string) as cursor:
+            cursor.execute(compiled.string, params)
+            return int(cursor.fetchone()[0])
+
+    def _compiled(self, key: Any, build: Callable[[], Any]) -> Any:
+        """A statement built and compiled once for this engine: the driver's own SQL."""
+        compiled = self._compiled_statements.get(key)
+        if compiled is None:
+            compiled = build().compile(dialect=self.engine.dialect)
+            self._compiled_statements[key] = compiled
+        return compiled
+
+    @contextmanager
+    def _driver_autocommit(self, statement: str) -> Iterator[Any]:
+        """A cursor of a pooled connection in autocommit, for a one-statement write without
+        SQLAlchemy's execution around it: a third of an enqueue's time on PostgreSQL here. A
+        driver error comes out as SQLAlchemy's (OperationalError, IntegrityError, ...), and a
+        connection goes back to the pool only as it came: after an error it is closed. (Types
+        whose values SQLAlchemy would convert have no place in such a statement: the driver
+        gets the values as given.)"""
+        pooled = self.engine.raw_connection()
+        driver: Any = pooled.driver_connection
+        driver_error = self.engine.dialect.loaded_dbapi.Error
+        try:
+            driver.autocommit = True
+            with driver.cursor() as cursor:
+                yield cursor
+            driver.autocommit = False
+        except driver_error as error:
+            broken = self.engine.dialect.is_disconnect(error, pooled.dbapi_connection, None)
+            pooled.invalidate(error)
+            raise sa.exc.DBAPIError.instance(
+                statement, None, error, driver_error, connection_invalidated=broken
+            ) from error
+        except BaseException:
+            pooled.invalidate()
+            raise
+        finally:
+            pooled.close()
 
     def _insert_notify_statement(self) -> Any:
         """PostgreSQL: WITH new AS (INSERT ... RETURNING id) SELECT id, pg_notify(...) FROM

@@ -402,3 +402,38 @@ def test_payload_size_limit_is_in_bytes_of_json(store: Store) -> None:
     with pytest.raises(InvalidTask, match="over the limit"):
         small.enqueue("job", at_limit + "x")
     assert count(store) == 1
+
+
+# -- PostgreSQL's one-statement enqueue: the driver's cursor, in autocommit ------------------
+
+
+def pooled_connections_in_autocommit(store: Store) -> list[bool]:
+    """Whether each connection the pool holds is in autocommit."""
+    with contextlib.ExitStack() as stack:
+        size = store.engine.pool.size()
+        held = [stack.enter_context(store.engine.connect()) for _ in range(size)]
+        return [conn.connection.driver_connection.autocommit for conn in held]
+
+
+def test_a_failed_enqueue_raises_sqlalchemys_error_and_spoils_no_connection(
+    postgres_url: str,
+) -> None:
+    """The error is SQLAlchemy's (what callers catch, as for any other statement), nothing is
+    written, and the pool's connections are transactional still: a transaction begun on
+    any of them after the failure rolls back whole."""
+    store = Store(postgres_url)
+    queue = TaskQueue(postgres_url, store=store)
+    try:
+        with pytest.raises(sa.exc.DataError):
+            queue.enqueue("nul\x00in the type")  # text cannot hold NUL in PostgreSQL
+        assert count(store) == 0
+        assert not any(pooled_connections_in_autocommit(store))
+        with pytest.raises(RuntimeError), store.engine.begin() as conn:
+            queue.enqueue("in a transaction", connection=conn)
+            raise RuntimeError("the caller's transaction fails")
+        assert count(store) == 0
+        queue.enqueue("after the failure")
+        assert count(store) == 1
+        assert not any(pooled_connections_in_autocommit(store))
+    finally:
+        store.dispose()
