@@ -590,7 +590,6 @@ class Store:
             )
             _install_postgres_settings(self.engine)
         self._statements: dict[Any, Any] = {}  # the hot path's, built once (_statement)
-        self._compiled_statements: dict[Any, Any] = {}  # (_compiled)
         self._kept: Connection | None = None  # the worker's own connection (_round_trip)
         self._kept_thread: int | None = None  # the thread that opened it (it alone uses it)
         self._open()
@@ -762,10 +761,8 @@ class Store:
             insert = self._task_insert()
             ids = [self._enqueue_unique(conn, insert, item) for item in new]
         elif len(new) == 1:
-            insert = self._statement("insert-one", self._task_insert)
-            ids = [
-                int(conn.execute(insert.returning(tasks.c.id), self._task_row(new[0])).scalar_one())
-            ]
+            insert = self._statement("insert-one", self._task_insert_returning)
+            ids = [int(conn.execute(insert, self._task_row(new[0])).scalar_one())]
         elif self.is_sqlite:
             ids = self._insert_many_sqlite(conn, new)
         else:
@@ -780,7 +777,7 @@ class Store:
         four round trips (BEGIN, INSERT, NOTIFY, COMMIT)."""
         row = self._task_row(item)
         if item.delay:  # not announced: polling finds it when it falls due
-            statement = self._statement("insert-one", self._task_insert).returning(tasks.c.id)
+            statement = self._statement("insert-one", self._task_insert_returning)
             with self.engine.connect() as conn:
                 conn.execution_options(isolation_level="AUTOCOMMIT")
                 return int(conn.execute(statement, row).scalar_one())
@@ -792,11 +789,9 @@ class Store:
 
     def _compiled(self, key: Any, build: Callable[[], Any]) -> Any:
         """A statement built and compiled once for this engine: the driver's own SQL."""
-        compiled = self._compiled_statements.get(key)
-        if compiled is None:
-            compiled = build().compile(dialect=self.engine.dialect)
-            self._compiled_statements[key] = compiled
-        return compiled
+        return self._statement(
+            ("compiled", key), lambda: build().compile(dialect=self.engine.dialect)
+        )
 
     @contextmanager
     def _driver_autocommit(self, statement: str) -> Iterator[Any]:
@@ -845,7 +840,7 @@ class Store:
         if driver.isolation_level is None and not driver.in_transaction:
             # The caller's connection commits each statement (autocommit): another writer's
             # rows could come between ours, so each row reports its own id.
-            returning = self._statement("insert-one", self._task_insert).returning(tasks.c.id)
+            returning = self._statement("insert-one", self._task_insert_returning)
             return [int(conn.execute(returning, self._task_row(i)).scalar_one()) for i in new]
         now = datetime.now(UTC)
         # as the column stores it (text): the column type's own processor, for this dialect
@@ -942,6 +937,9 @@ class Store:
             return self._insert(tasks)
         delay = sa.bindparam("delay", type_=sa.Interval)
         return self._insert(tasks).values(run_at=func.now() + delay, created_at=func.now())
+
+    def _task_insert_returning(self) -> Any:
+        return self._task_insert().returning(tasks.c.id)
 
     def _task_row(self, item: NewTask) -> dict[str, Any]:
         row: dict[str, Any] = {
