@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import func, select
 
+from tests.helpers import wait_until
 from workers import registry, task
 from workers.store import (
     CANCELLED,
@@ -433,6 +434,48 @@ def test_a_failed_enqueue_raises_sqlalchemys_error_and_spoils_no_connection(
             raise RuntimeError("the caller's transaction fails")
         assert count(store) == 0
         queue.enqueue("after the failure")
+        assert count(store) == 1
+        assert not any(pooled_connections_in_autocommit(store))
+    finally:
+        store.dispose()
+
+
+def test_an_enqueue_whose_connection_dies_mid_statement_fails_cleanly_and_the_next_one_works(
+    postgres_url: str,
+) -> None:
+    """The server ends the session while the enqueue waits inside its statement (held up by
+    a table lock): the caller gets SQLAlchemy's OperationalError, the dead connection leaves
+    the pool, nothing was written, and the next enqueue goes through on a fresh one."""
+    store = Store(postgres_url)
+    queue = TaskQueue(postgres_url, store=store)
+    outcome: list[BaseException | int] = []
+    try:
+        with store.engine.connect() as holder, store.engine.connect() as watcher:
+            holder.execute(sa.text("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE"))
+            watcher.execution_options(isolation_level="AUTOCOMMIT")  # activity seen live
+
+            def enqueue() -> None:
+                try:
+                    outcome.append(queue.enqueue("held up"))
+                except BaseException as error:
+                    outcome.append(error)
+
+            thread = threading.Thread(target=enqueue)
+            thread.start()
+            waiting = sa.text(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )
+            pid = wait_until(lambda: watcher.execute(waiting).scalar(), timeout=10)
+            watcher.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            holder.rollback()  # the lock goes
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        [error] = outcome
+        assert isinstance(error, sa.exc.OperationalError), repr(error)
+        assert error.connection_invalidated
+        assert count(store) == 0
+        queue.enqueue("after the cut")
         assert count(store) == 1
         assert not any(pooled_connections_in_autocommit(store))
     finally:
