@@ -1007,7 +1007,7 @@ class Store:
         whose claim was lost (their outcome is not written)."""
         now = self._clock_params()
         lost: list[int] = []
-        with self._round_trip() as conn:
+        with self._round_trip(one_statement=not (finished or release)) as conn:
             for with_progress in (False, True):
                 group = [done for done in finished if (done.progress is not None) == with_progress]
                 if group:
@@ -1062,11 +1062,15 @@ class Store:
         return claims, lost
 
     @contextmanager
-    def _round_trip(self) -> Iterator[Connection]:
+    def _round_trip(self, *, one_statement: bool = False) -> Iterator[Connection]:
         """The worker's write transaction, on a connection it keeps: no pool checkout, no
         pre-ping. On SQLite the write lock is waited for in short steps (SQLITE_LOCK_STEP):
         the driver's busy handler sleeps 1, 2, 5, ... ms, far longer than a round trip
-        holds the lock. Other threads take the pool's way (_write)."""
+        holds the lock. Other threads take the pool's way (_write).
+
+        one_statement: the caller runs one statement (a claim with nothing to complete). On
+        PostgreSQL it then runs in autocommit, its own transaction: one round trip, where
+        BEGIN and COMMIT would add two (0.4 ms of an idle pool's 3 ms pickup here)."""
         if self._kept_thread not in (None, threading.get_ident()):
             with self._write() as conn:
                 yield conn
@@ -1079,9 +1083,14 @@ class Store:
                 self._kept.exec_driver_sql("PRAGMA busy_timeout = 0")
                 self._kept.commit()
         conn = self._kept
+        autocommit = one_statement and not self.is_sqlite
         try:
+            if autocommit:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
             with self._begin_kept(conn):  # commits, or rolls back on an error
                 yield conn
+            if autocommit:  # back to transactions, at the server's own isolation level
+                conn.execution_options(isolation_level=self.engine.dialect.default_isolation_level)
         except BaseException as error:
             self._kept = None  # a new connection next time
             conn.invalidate()

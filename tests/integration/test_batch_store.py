@@ -3,6 +3,7 @@ tasks a gone worker never started, on both engines: every write fenced on its cl
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 
 from workers.store import Finished, NewTask, Progress, Store, tasks
@@ -80,3 +81,45 @@ def test_release_unstarted_gives_back_only_the_gone_workers_running_tasks(store:
         ("pending", 0),
         ("running", 1),
     ]
+
+
+def _refuse_claims_of(store: Store, task_type: str) -> None:
+    """A trigger that fails any claim (pending -> running) of task_type's tasks."""
+    with store.engine.begin() as conn:
+        if store.is_sqlite:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE UPDATE OF status ON tasks "
+                f"WHEN NEW.status = 'running' AND NEW.task_type = '{task_type}' "
+                "BEGIN SELECT RAISE(ABORT, 'claim refused'); END"
+            )
+            return
+        conn.exec_driver_sql(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.status = 'running' AND NEW.task_type = '{task_type}' THEN "
+            "RAISE EXCEPTION 'claim refused'; END IF; RETURN NEW; END $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON tasks FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+
+
+def test_a_round_trip_after_a_lone_claim_is_still_one_transaction(store: Store) -> None:
+    """A claim with nothing to complete runs alone (in autocommit on PostgreSQL); the next
+    round trip, which completes and then claims, is whole again: its claim failing undoes
+    its completions, and the worker's connection is replaced, then works."""
+    first = store.enqueue([NewTask("t")])[0]
+    claims, _lost = store.finish_and_claim(5, (), limit=1)  # a lone claim
+    assert [claim.id for claim in claims] == [first]
+    _refuse_claims_of(store, "refused")
+    refused = store.enqueue([NewTask("refused")])[0]
+    with pytest.raises(sa.exc.DBAPIError, match="claim refused"):
+        store.finish_and_claim(5, (), [Finished(claims[0], "1", 0.0)], limit=1)
+    assert (_row(store, first)["status"], _row(store, refused)["status"]) == (
+        "running",
+        "pending",
+    )  # the completion went with the failed claim
+
+    store.enqueue([NewTask("t", priority=1)])  # claimed before the refused one
+    more, lost = store.finish_and_claim(5, (), [Finished(claims[0], "1", 0.0)], limit=1)
+    assert (lost, _row(store, first)["status"], len(more)) == ([], "completed", 1)
+    assert more[0].task_type == "t"
