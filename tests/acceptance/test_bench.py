@@ -35,7 +35,7 @@ from supervisor.bench import (
 from supervisor.cli import main
 from tests.helpers import wait_until
 from workers import __version__
-from workers.store import COMPLETED, FAILED, Store, tasks
+from workers.store import COMPLETED, FAILED, NewTask, Store, tasks
 from workers.taskqueue import TaskQueue
 
 pytestmark = pytest.mark.slow
@@ -230,6 +230,64 @@ def test_history_is_finished_rows_of_another_type_beside_the_drain(
             measuring.check_tasks()
     finally:
         store.dispose()
+
+
+def _settle(database_url: str, tmp_path: Path, progress: io.StringIO) -> None:
+    """Bench.analyze(), the step between --history's bulk insert and the drain."""
+    store = Store(database_url)
+    scratch = Scratch(sa.make_url(database_url), tmp_path)
+    measuring = Bench(scratch, BenchSettings(database_url, workers=1), 10, Progress(progress))
+    measuring.store = store
+    try:
+        measuring.analyze()
+    finally:
+        store.dispose()
+
+
+def test_the_table_is_settled_before_the_drain(database_url: str, tmp_path: Path) -> None:
+    """What the bulk insert left to do in the background is done before the drain: on
+    PostgreSQL a checkpoint, on SQLite the WAL written back into the database file."""
+    checkpoint = sa.text("SELECT checkpoint_lsn FROM pg_control_checkpoint()")
+    store = Store(database_url)
+    try:
+        store.enqueue([NewTask("t") for _ in range(500)])
+        if store.is_sqlite:
+            wal = Path(f"{store.url.database}-wal")
+            assert wal.stat().st_size > 0
+        else:
+            with store.engine.connect() as conn:
+                before = conn.execute(checkpoint).scalar_one()
+        progress = io.StringIO()
+        _settle(database_url, tmp_path, progress)
+        if store.is_sqlite:
+            assert wal.stat().st_size == 0
+        else:
+            with store.engine.connect() as conn:
+                assert conn.execute(checkpoint).scalar_one() != before
+        assert progress.getvalue() == ""
+    finally:
+        store.dispose()
+
+
+def test_a_role_that_may_not_checkpoint_benches_all_the_same(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """CHECKPOINT needs a superuser or pg_checkpoint: without, the step says so and goes on."""
+    role = f"taskherd_bench_{os.getpid()}"
+    admin = sa.create_engine(sa.make_url(postgres_url).set(drivername="postgresql+psycopg"))
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+    try:
+        limited = sa.make_url(postgres_url).set(username=role).render_as_string(False)
+        progress = io.StringIO()
+        _settle(limited, tmp_path, progress)
+        assert progress.getvalue().startswith("bench: no checkpoint before the drain: ")
+        assert "pg_checkpoint" in progress.getvalue()
+        assert len(progress.getvalue().splitlines()) == 1
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+        admin.dispose()
 
 
 def start_bench_and_wait_for_its_pool(
