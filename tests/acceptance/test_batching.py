@@ -1,7 +1,7 @@
 """Batch claims keep every guarantee: order, fencing, attempts, and no task held up.
 
 A worker claims one task, then (while its tasks end within workers.worker.FAST_TASK) up to
-MAX_BATCH at a time: 1, 2, 4, 8, 16. So the 18th task of a fresh worker's run is the third
+its engine's cap at a time: 1, 2, 4, 8, 16. So the 18th task of a fresh worker's run is the third
 of a batch of sixteen: a task there that stops its own worker leaves thirteen claimed,
 unstarted.
 """
@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from tests.acceptance.pool import Pool
 from tests.helpers import wait_until
+from workers.store import tasks
+from workers.worker import MAX_BATCH_POSTGRES, MAX_BATCH_SQLITE
 
 StartPool = Callable[..., Pool]
 
@@ -70,7 +73,7 @@ def test_unstarted_tasks_of_a_stopped_worker_get_their_attempt_back(
 
 
 def test_order_holds_under_batch_claims(start_pool: StartPool, tmp_path: Path) -> None:
-    """One worker, batches of up to MAX_BATCH: tasks still run by priority, then age, then id."""
+    """One worker, batch claims: tasks still run by priority, then age, then id."""
     pool = start_pool(workers=1, options={"--poll-interval": "30"})
     wait_until(lambda: len(pool.active_workers()) == 1, 15)
     record = {"file": str(tmp_path / "ran")}
@@ -118,3 +121,23 @@ def test_a_slow_task_does_not_hold_up_its_batch_while_another_worker_is_idle(
         pytest.fail("no slow task was ever batched with quick ones: the guard went untested")
     released = [e for e in pool.events() if e.get("event") == "worker.batch_released"]
     assert all(entry["released"] for entry in released)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_quick_tasks_are_claimed_up_to_the_engines_cap_at_once(
+    start_pool: StartPool, tmp_path: Path, request: pytest.FixtureRequest, engine: str
+) -> None:
+    """Batches of quick tasks grow to the engine's cap (SQLite 128, PostgreSQL 32) and never
+    past it. The tasks of one claim share its started_at."""
+    fixture = "sqlite_url" if engine == "sqlite" else "postgres_url"
+    pool = start_pool(request.getfixturevalue(fixture), workers=1)
+    wait_until(lambda: len(pool.active_workers()) == 1, 15)
+    record = {"file": str(tmp_path / "ran")}
+    ids = pool.queue.enqueue_many("record", [record] * 1500)
+    wait_until(lambda: all(pool.task(i)["status"] == "completed" for i in ids), 30)
+    with pool.store.engine.connect() as conn:
+        claimed_at = conn.execute(sa.select(tasks.c.started_at).where(tasks.c.id.in_(ids)))
+        batches = Counter(started_at for (started_at,) in claimed_at)
+    cap = MAX_BATCH_SQLITE if engine == "sqlite" else MAX_BATCH_POSTGRES
+    assert max(batches.values()) == cap
+    assert sorted(int(line) for line in (tmp_path / "ran").read_text().split()) == ids
