@@ -16,6 +16,7 @@ reaches it) and its log written to a file. The measurements, in order:
 2. enqueue, one call per task, then `enqueue_many` of --tasks no-op tasks;
    with --history N, N finished tasks of another type are then written into the table
    (a few INSERT ... SELECT statements), so the phases below run beside that history;
+   the table is then settled as one that has run for a while (analyze());
 3. drain: a pool of -w workers starts on those tasks; from the first claim (min
    started_at) to the last completion (max completed_at), as the table records them;
 4. pickup latency: the idle pool, tasks enqueued 50 ms apart; from the enqueue() call to
