@@ -319,6 +319,8 @@ class Worker:
             args.max_memory_mb * rng.uniform(1 - RECYCLE_JITTER, 1) if args.max_memory_mb else None
         )
         self.batch_size = 1  # tasks the next round trip claims
+        self._claimed = 0  # tasks the last round trip claimed
+        self._slowed = False  # whether a task of that batch was slow (or failed)
         self.max_batch = MAX_BATCH_SQLITE if store.is_sqlite else MAX_BATCH_POSTGRES
         # The batch, shared with the batch guard thread under _lock: the claimed tasks not
         # started yet, the completions not written yet, and the task running since when.
@@ -360,6 +362,7 @@ class Worker:
         if not claims:
             return None
         self.shared.wants_work = 0
+        self._claimed, self._slowed = len(claims), False
         with self._lock:
             self._batch = claims[1:]
             self._publish_unstarted(claims)
@@ -503,12 +506,15 @@ class Worker:
             self.shared.task_deadline = 0.0
             self.shared.current_task = 0
             self.shared.processed += 1
-        self.batch_size = self._next_batch_size(time.monotonic() - started) if fast else 1
+        self._slowed = self._slowed or not fast
+        took = time.monotonic() - started
+        self.batch_size = 1 if self._slowed else self._next_batch_size(took)
 
     def _next_batch_size(self, took: float) -> int:
-        """Twice the last, within max_batch and BATCH_BUDGET (by the last task's duration)."""
+        """Twice the last batch, within max_batch and BATCH_BUDGET (by the last task's
+        duration)."""
         fits = int(BATCH_BUDGET / took) if took > 0 else self.max_batch
-        return max(1, min(self.max_batch, self.batch_size * 2, fits))
+        return max(1, min(self.max_batch, self._claimed * 2, fits))
 
     def _execute(self, claim: Claim, log: Any, started: float) -> bool:
         """Run the handler; return whether it completed within FAST_TASK. Its completion waits

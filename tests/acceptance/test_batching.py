@@ -1,13 +1,14 @@
 """Batch claims keep every guarantee: order, fencing, attempts, and no task held up.
 
 A worker claims one task, then (while its tasks end within workers.worker.FAST_TASK) up to
-its engine's cap at a time: 1, 2, 4, 8, 16. So the 18th task of a fresh worker's run is the third
-of a batch of sixteen: a task there that stops its own worker leaves thirteen claimed,
-unstarted.
+its engine's cap at a time: 1, 2, 4, 8, 16, ... So the 18th task of a fresh worker's run is
+the third of a batch of sixteen: a task there that stops its own worker leaves thirteen
+claimed, unstarted.
 """
 
 from __future__ import annotations
 
+import itertools
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -24,18 +25,23 @@ from workers.worker import MAX_BATCH_POSTGRES, MAX_BATCH_SQLITE
 
 StartPool = Callable[..., Pool]
 
-SEGMENT = 30  # tasks per fresh worker's run; the signalling task is its 18th
-SIGNAL_AT = 17
+# Tasks per fresh worker's run, and the index of the signalling task in it: the 18th
+# (third of a batch of 16), or the 191st (the 64th of a batch of up to 128, SQLite's cap).
+SEGMENTS = {"small batch": (30, 17), "big batch": (260, 190)}
 
 
-def _segments(pool: Pool, tmp_path: Path, signum: int, count: int) -> tuple[list[int], list[int]]:
+def _segments(
+    pool: Pool, tmp_path: Path, signum: int, count: int, size: tuple[int, int]
+) -> tuple[list[int], list[int]]:
     """Enqueue, in one transaction, count segments of quick `record` tasks, each with a
-    signal_self task at SIGNAL_AT; return the record task ids and the signalling ones."""
+    signal_self task at its signal index; return the record task ids and the signalling
+    ones."""
     records, signallers = [], []
+    length, signal_at = size
     with pool.store.engine.begin() as conn:
         for segment in range(count):
-            for index in range(SEGMENT):
-                if index == SIGNAL_AT:
+            for index in range(length):
+                if index == signal_at:
                     marker = tmp_path / f"signalled-{segment}"
                     payload: dict[str, Any] = {"signal": int(signum), "marker": str(marker)}
                     signallers.append(pool.queue.enqueue("signal_self", payload, connection=conn))
@@ -45,15 +51,16 @@ def _segments(pool: Pool, tmp_path: Path, signum: int, count: int) -> tuple[list
     return records, signallers
 
 
+@pytest.mark.parametrize("size", SEGMENTS.values(), ids=SEGMENTS.keys())
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_unstarted_tasks_of_a_stopped_worker_get_their_attempt_back(
-    start_pool: StartPool, tmp_path: Path, signum: signal.Signals
+    start_pool: StartPool, tmp_path: Path, signum: signal.Signals, size: tuple[int, int]
 ) -> None:
     """SIGKILL mid-batch: the started task counts its attempt, the supervisor gives the
     unstarted ones theirs back. SIGTERM: the worker releases them itself before it exits."""
     pool = start_pool(workers=1)
     wait_until(lambda: len(pool.active_workers()) == 1, 15)
-    records, signallers = _segments(pool, tmp_path, signum, count=2)
+    records, signallers = _segments(pool, tmp_path, signum, count=2, size=size)
     every = records + signallers
     wait_until(lambda: all(pool.task(i)["status"] == "completed" for i in every), 60)
 
@@ -68,6 +75,8 @@ def test_unstarted_tasks_of_a_stopped_worker_get_their_attempt_back(
     event = "task.released" if signum == signal.SIGKILL else "worker.stopping"
     released = [e["released"] for e in pool.events() if e.get("event") == event]
     assert any(released), f"no batch was cut short: no {event} event with tasks"
+    if size == SEGMENTS["big batch"]:  # past what a batch of sixteen can leave
+        assert max(map(len, released)) > 16, [len(ids) for ids in released]
     for ids in released:  # (a batch may hold a signaller rescued earlier, run once more)
         assert set(ids) <= set(every) and all(runs[i] == 1 for i in ids if i in records)
 
@@ -127,8 +136,9 @@ def test_a_slow_task_does_not_hold_up_its_batch_while_another_worker_is_idle(
 def test_quick_tasks_are_claimed_up_to_the_engines_cap_at_once(
     start_pool: StartPool, tmp_path: Path, request: pytest.FixtureRequest, engine: str
 ) -> None:
-    """Batches of quick tasks grow to the engine's cap (SQLite 128, PostgreSQL 32) and never
-    past it. The tasks of one claim share its started_at."""
+    """Batches of quick tasks start at one, at most double from one round trip to the next,
+    and grow to the engine's cap (SQLite 128, PostgreSQL 32), never past it. The tasks of
+    one claim share its started_at."""
     fixture = "sqlite_url" if engine == "sqlite" else "postgres_url"
     pool = start_pool(request.getfixturevalue(fixture), workers=1)
     wait_until(lambda: len(pool.active_workers()) == 1, 15)
@@ -136,8 +146,9 @@ def test_quick_tasks_are_claimed_up_to_the_engines_cap_at_once(
     ids = pool.queue.enqueue_many("record", [record] * 1500)
     wait_until(lambda: all(pool.task(i)["status"] == "completed" for i in ids), 30)
     with pool.store.engine.connect() as conn:
-        claimed_at = conn.execute(sa.select(tasks.c.started_at).where(tasks.c.id.in_(ids)))
-        batches = Counter(started_at for (started_at,) in claimed_at)
+        claimed = sa.select(tasks.c.started_at).where(tasks.c.id.in_(ids)).order_by(tasks.c.id)
+        batches = list(Counter(started_at for (started_at,) in conn.execute(claimed)).values())
     cap = MAX_BATCH_SQLITE if engine == "sqlite" else MAX_BATCH_POSTGRES
-    assert max(batches.values()) == cap
+    assert batches[0] == 1 and max(batches) == cap
+    assert all(size <= 2 * before for before, size in itertools.pairwise(batches)), batches
     assert sorted(int(line) for line in (tmp_path / "ran").read_text().split()) == ids
