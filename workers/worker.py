@@ -428,11 +428,14 @@ class Worker:
                 self.settle("worker.batch_released")
 
     def _publish_unstarted(self, claims: list[Claim]) -> None:
-        """Show the supervisor which claimed tasks are not started (under _lock)."""
+        """Show the supervisor which claimed tasks are not started (under _lock). The slots
+        in use are exactly those in _slots (a started task clears its own): only they are
+        cleared, not all MAX_BATCH."""
         slots = self.shared.unstarted
+        for index in self._slots.values():
+            slots[index] = 0
+        slots[: len(claims)] = [claim.id for claim in claims]
         self._slots = {claim.id: index for index, claim in enumerate(claims)}
-        for index in range(MAX_BATCH):
-            slots[index] = claims[index].id if index < len(claims) else 0
 
     def _publish_started(self, claim: Claim) -> None:
         """The claimed task is started: no longer among the unstarted (under _lock)."""
