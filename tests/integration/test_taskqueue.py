@@ -433,11 +433,17 @@ def test_a_failed_enqueue_raises_sqlalchemys_error_and_spoils_no_connection(
             queue.enqueue("in a transaction", connection=conn)
             raise RuntimeError("the caller's transaction fails")
         assert count(store) == 0
-        queue.enqueue("after the failure")
-        assert count(store) == 1
-        assert not any(pooled_connections_in_autocommit(store))
+        _the_next_enqueue_goes_through(store, queue)
     finally:
         store.dispose()
+
+
+def _the_next_enqueue_goes_through(store: Store, queue: TaskQueue) -> None:
+    """After a failed enqueue: the next one is written, and no pooled connection is left
+    in autocommit."""
+    queue.enqueue("after the failure")
+    assert count(store) == 1
+    assert not any(pooled_connections_in_autocommit(store))
 
 
 def test_an_enqueue_whose_connection_dies_mid_statement_fails_cleanly_and_the_next_one_works(
@@ -475,8 +481,6 @@ def test_an_enqueue_whose_connection_dies_mid_statement_fails_cleanly_and_the_ne
         assert isinstance(error, sa.exc.OperationalError), repr(error)
         assert error.connection_invalidated
         assert count(store) == 0
-        queue.enqueue("after the cut")
-        assert count(store) == 1
-        assert not any(pooled_connections_in_autocommit(store))
+        _the_next_enqueue_goes_through(store, queue)
     finally:
         store.dispose()
